@@ -1,0 +1,1 @@
+//! eg-config (being written)

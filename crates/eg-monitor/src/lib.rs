@@ -1,0 +1,1 @@
+//! eg-monitor (being written)
