@@ -1,24 +1,76 @@
 //! # eg-data
 //!
-//! Datasets: text, JSONL and token-shard sources, streaming with bounded memory, tokenization, packing, augmentation, deterministic sharding by rank, and a resumable cursor.
+//! Datasets for training: streaming sources, tokenization, packing, deterministic sharding by
+//! rank, and a cursor that makes resume exact.
 //!
-//! **Status:** this crate is a placeholder. Its design is written down in
-//! `ARCHITECTURE.md`; the work that fills it is tracked in issue #5. Nothing here pretends
-//! to work: every entry point that exists returns [`Error::Unsupported`].
+//! ## Brief overview
+//!
+//! The pipeline has two halves with a file format between them:
+//!
+//! 1. **Prepare** (streaming, bounded memory): [`stream`] reads text files and JSONL line by
+//!    line (a line longer than the limit is skipped without being held in memory), quarantines
+//!    bad records with their file and line, and stops with
+//!    [`Error::TooManyBadRecords`] above a configured fraction. [`tokenize`] encodes documents
+//!    in parallel with `tokenizers` and writes memory-mapped [`shards`], cached by a key over
+//!    the inputs' content, the tokenizer and the settings, so a second run reuses them.
+//! 2. **Load** (random access, deterministic): a [`Loader`] over any [`TokenDataset`] (token
+//!    shards, or [`InMemoryDataset`]) shuffles sample ids with a seeded permutation per
+//!    `(seed, epoch)`, packs them ([`Packing::Concat`] for pre-training, [`Packing::BestFit`]
+//!    for fine-tuning with per-document position ids, block-diagonal segments and a prompt loss
+//!    mask) and hands each rank its slice of the *global* batch.
+//!
+//! Why plan globally? Packing decides which tokens go in which row from sample *lengths*
+//! alone, which every rank knows from the shard index. So every rank computes the same global
+//! plan, reads only its own rows' tokens, and the [`Cursor`] — epoch, position in the epoch's
+//! order, packing carry-over and RNG state — is the same on every rank. A run saved with 4
+//! ranks resumes with 2 or 8 and sees every sample of the epoch exactly once, and the
+//! concatenation of the ranks' batches is the same global batch as before.
+//!
+//! The order is computed with a fully specified PRNG (SplitMix64 + Fisher–Yates, see
+//! [`order`]), not a library's, so it never changes under a dependency upgrade.
+//!
+//! ## Example
+//!
+//! ```
+//! use std::sync::Arc;
+//! use eg_data::{InMemoryDataset, Loader, LoaderOptions, Packing, Placement};
+//!
+//! # fn main() -> eg_data::Result<()> {
+//! let docs = (0..100u32).map(|i| vec![i; 1 + (i as usize % 7)]);
+//! let data = Arc::new(InMemoryDataset::from_docs(docs));
+//! let opts = LoaderOptions {
+//!     seq_len: 16,
+//!     rows_per_step: 4,
+//!     packing: Packing::Concat,
+//!     eos_id: Some(0),
+//!     seed: 42,
+//!     ..LoaderOptions::default()
+//! };
+//! let mut loader = Loader::new(data.clone(), opts.clone(), Placement::SINGLE)?;
+//! let first = loader.next_batch()?.expect("data");
+//! assert_eq!(first.input_ids.len(), 4 * 16);
+//!
+//! // Save the cursor with the checkpoint, then resume on two ranks.
+//! let saved = loader.cursor().to_json()?;
+//! let expected = loader.next_batch()?.expect("data");
+//! let cursor = eg_data::Cursor::from_json(&saved)?;
+//! let mut ids = Vec::new();
+//! for rank in 0..2 {
+//!     let mut l = Loader::with_cursor(data.clone(), opts.clone(), Placement { rank, world: 2 }, &cursor)?;
+//!     ids.extend(l.next_batch()?.expect("data").input_ids);
+//! }
+//! assert_eq!(ids, expected.input_ids);
+//! # Ok(())
+//! # }
+//! ```
 
-/// Errors of this crate.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    /// The requested capability is not built yet.
-    #[error("{what} is not supported yet (tracked in issue #{issue}; see the README's status table)")]
-    Unsupported {
-        /// What was asked for.
-        what: &'static str,
-        /// The issue that tracks the work.
-        issue: u32,
-    },
-}
+mod dataset;
+mod error;
+mod loader;
+pub mod order;
+pub mod pack;
 
-/// Result alias of this crate.
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+pub use dataset::{InMemoryDataset, TokenDataset};
+pub use error::{Error, Result};
+pub use loader::{Carry, Cursor, Loader, LoaderOptions, Packing, Placement};
+pub use pack::{Batch, RowPlan, Span};

@@ -1,0 +1,3 @@
+//! Integration tests of eg-data (one binary; modules by topic).
+
+mod loader;
