@@ -69,8 +69,10 @@ mod error;
 mod loader;
 pub mod order;
 pub mod pack;
+pub mod shards;
 
 pub use dataset::{InMemoryDataset, TokenDataset};
 pub use error::{Error, Result};
 pub use loader::{Carry, Cursor, Loader, LoaderOptions, Packing, Placement};
 pub use pack::{Batch, RowPlan, Span};
+pub use shards::{ShardFiles, ShardWriter, TokenShards, TokenWidth};
