@@ -1,24 +1,205 @@
 //! # eg-model
 //!
-//! Trainable transformer architectures (Llama family, GPT-2, BERT) whose every parameter receives a gradient, Hugging Face and GGUF loading, layer analysis, LoRA/QLoRA and attention kernels.
+//! Trainable transformer architectures whose every parameter receives a gradient, with
+//! Hugging Face loading and saving.
 //!
-//! **Status:** this crate is a placeholder. Its design is written down in
-//! `ARCHITECTURE.md`; the work that fills it is tracked in issue #4. Nothing here pretends
-//! to work: every entry point that exists returns [`Error::Unsupported`].
+//! ## Brief overview
+//!
+//! candle's fused inference kernels (`candle_nn::ops::rms_norm`, `layer_norm`,
+//! `softmax_last_dim`, `rotary_emb::rope`) have no backward pass: a tensor that goes through
+//! them leaves the autograd graph and everything before it silently gets no gradient (issue
+//! #4). A `candle-transformers` model trained with them updates only its head while the loss
+//! still falls. This crate therefore:
+//!
+//! - provides fused ops **with** a backward pass in [`ops`] (RMSNorm, LayerNorm, softmax with
+//!   an optional fused causal mask, RoPE in both layouts, a fused cross entropy), each checked
+//!   against finite differences and the composite candle formulation;
+//! - builds the Llama family (Llama 2/3 incl. llama3 RoPE scaling, Mistral, Qwen2 with q/k/v
+//!   bias; grouped-query attention; tied or untied embeddings) on candle [`candle_core::Var`]s
+//!   held in a [`ParamStore`] under Hugging Face tensor names;
+//! - loads and saves Hugging Face directories ([`hf`]): `config.json` plus `model.safetensors`
+//!   or a sharded index, memory-mapped, with typed errors for every bad input, and resolves
+//!   the hf-hub cache layout offline.
+//!
+//! `candle-transformers` is used only in tests, as the inference reference the logits must
+//! match.
+//!
+//! ## Example
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use eg_model::{Llama, LlamaConfig};
+//!
+//! # fn main() -> eg_model::Result<()> {
+//! let cfg = LlamaConfig::tiny_for_tests();
+//! let model = Llama::init(&cfg, 42, DType::F32, &Device::Cpu)?;
+//! let ids = Tensor::new(&[[1u32, 5, 7, 3]], &Device::Cpu)?;
+//! let logits = model.forward(&ids)?; // [batch, seq, vocab]
+//! let loss = model.next_token_loss(&logits, &ids, None)?;
+//! let grads = loss.backward()?;
+//! for (name, var) in model.params().iter() {
+//!     assert!(grads.get(var.as_tensor()).is_some(), "{name} has a gradient");
+//! }
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod config;
+pub mod hf;
+pub mod llama;
+pub mod ops;
+pub mod params;
+pub mod safetensors;
+
+pub use config::{LlamaConfig, ModelType, RopeScaling};
+pub use llama::Llama;
+pub use params::ParamStore;
+
+use std::path::PathBuf;
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The requested capability is not built yet.
-    #[error("{what} is not supported yet (tracked in issue #{issue}; see the README's status table)")]
+    #[error("{what} is not supported yet (tracked in issue #{issue})")]
     Unsupported {
         /// What was asked for.
         what: &'static str,
         /// The issue that tracks the work.
         issue: u32,
     },
+    /// An op has no kernel for this element type.
+    #[error("{op} does not support dtype {dtype:?}")]
+    UnsupportedDType {
+        /// The op.
+        op: &'static str,
+        /// The element type given.
+        dtype: candle_core::DType,
+    },
+    /// A tensor does not have the shape it must have.
+    #[error("shape mismatch for {tensor}: expected {expected:?}, found {found:?}")]
+    ShapeMismatch {
+        /// Which tensor.
+        tensor: String,
+        /// The shape required.
+        expected: Vec<usize>,
+        /// The shape found.
+        found: Vec<usize>,
+    },
+    /// A cross-entropy target is not a valid class.
+    #[error("target {target} is out of range for a vocabulary of {vocab}")]
+    TargetOutOfRange {
+        /// The target class.
+        target: u32,
+        /// The number of classes.
+        vocab: usize,
+    },
+    /// A label is neither a token id nor the ignore value.
+    #[error("label {label} is not a token id")]
+    LabelOutOfRange {
+        /// The label.
+        label: i64,
+    },
+    /// A sequence is empty or longer than the model's position tables.
+    #[error("sequence length {len} is outside 1..={max}")]
+    SequenceTooLong {
+        /// The length given.
+        len: usize,
+        /// `max_position_embeddings`.
+        max: usize,
+    },
+    /// Tensors the model needs are absent from the checkpoint.
+    #[error("missing tensors: {names:?}")]
+    MissingTensors {
+        /// Names of the missing tensors.
+        names: Vec<String>,
+    },
+    /// The checkpoint has tensors the model does not know.
+    #[error("unexpected tensors: {names:?}")]
+    UnexpectedTensors {
+        /// Names of the unexpected tensors.
+        names: Vec<String>,
+    },
+    /// `model_type` names an architecture this crate does not build.
+    #[error("unsupported model_type {found:?}; supported: {supported:?}")]
+    UnsupportedModelType {
+        /// The `model_type` found.
+        found: String,
+        /// The supported values.
+        supported: &'static [&'static str],
+    },
+    /// A required field is absent from `config.json`.
+    #[error("config {path:?} is missing the field `{field}`")]
+    ConfigMissingField {
+        /// The config file (empty for in-memory configs).
+        path: PathBuf,
+        /// The missing field.
+        field: &'static str,
+    },
+    /// A config field has a value that cannot work.
+    #[error("config field `{field}` is invalid: {reason}")]
+    InvalidConfig {
+        /// The field.
+        field: &'static str,
+        /// Why it is invalid.
+        reason: String,
+    },
+    /// `config.json` is not valid JSON of the expected form.
+    #[error("cannot parse config {path:?}: {source}")]
+    ConfigParse {
+        /// The config file.
+        path: PathBuf,
+        /// The parser's error.
+        source: serde_json::Error,
+    },
+    /// A safetensors file is truncated or corrupt.
+    #[error("safetensors file {path:?} is invalid: {defect}")]
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        defect: safetensors::Defect,
+    },
+    /// A directory holds neither `model.safetensors` nor `model.safetensors.index.json`.
+    #[error("no safetensors weights in {dir:?}")]
+    NoWeights {
+        /// The directory searched.
+        dir: PathBuf,
+    },
+    /// A model is not in the hf-hub cache.
+    #[error("{repo} (revision {revision}) is not in the hf-hub cache at {path:?}")]
+    NotInCache {
+        /// `org/name`.
+        repo: String,
+        /// The revision asked for.
+        revision: String,
+        /// Where it was looked for.
+        path: PathBuf,
+    },
+    /// An I/O operation on a path failed.
+    #[error("I/O error on {path:?}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Serialising JSON failed.
+    #[error("cannot serialise JSON: {0}")]
+    Json(#[source] serde_json::Error),
+    /// An error from candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
 }
 
 /// Result alias of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Imports GGUF checkpoints. Not built yet: always returns [`Error::Unsupported`].
+pub fn import_gguf(_path: &std::path::Path) -> Result<Llama> {
+    Err(Error::Unsupported {
+        what: "GGUF import",
+        issue: 4,
+    })
+}

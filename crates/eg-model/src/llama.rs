@@ -1,0 +1,357 @@
+//! The trainable Llama family: Llama 2/3, Mistral, Qwen2.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::config::LlamaConfig;
+use crate::ops::{self, RopeLayout};
+use crate::params::{Init, ParamStore, init_tensor};
+use crate::{Error, Result};
+
+/// Standard deviation of the initial weights (Hugging Face's `initializer_range` default).
+const INIT_STD: f64 = 0.02;
+
+#[derive(Debug, Clone)]
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let inn = dims.last().copied().unwrap_or(1);
+        let rows = x.elem_count() / inn.max(1);
+        let out = self.weight.dim(0)?;
+        let y = x.reshape((rows, inn))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut shape = dims.to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = out;
+        }
+        Ok(y.reshape(shape)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    input_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    post_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// A trainable Llama-family causal language model.
+///
+/// Parameters are candle [`Var`]s in a [`ParamStore`] under Hugging Face names
+/// (`model.layers.0.self_attn.q_proj.weight`, ...). The forward pass uses this crate's fused
+/// ops with backward ([`crate::ops`]), so one `loss.backward()` reaches every parameter.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    cfg: LlamaConfig,
+    params: ParamStore,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// The tensors a configuration needs: name, shape and initialisation.
+pub(crate) fn expected_tensors(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>, Init)> {
+    let h = cfg.hidden_size;
+    let hd = cfg.head_dim();
+    let q_out = cfg.num_attention_heads * hd;
+    let kv_out = cfg.num_kv_heads() * hd;
+    let i = cfg.intermediate_size;
+    let w = Init::Normal(INIT_STD);
+    let mut out = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![cfg.vocab_size, h],
+        w,
+    )];
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        out.push((format!("{p}.input_layernorm.weight"), vec![h], Init::Ones));
+        for (name, o) in [("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)] {
+            out.push((format!("{p}.self_attn.{name}.weight"), vec![o, h], w));
+            if cfg.qkv_bias() {
+                out.push((format!("{p}.self_attn.{name}.bias"), vec![o], Init::Zeros));
+            }
+        }
+        out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q_out], w));
+        if cfg.o_bias() {
+            out.push((format!("{p}.self_attn.o_proj.bias"), vec![h], Init::Zeros));
+        }
+        out.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+            Init::Ones,
+        ));
+        out.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h], w));
+        out.push((format!("{p}.mlp.up_proj.weight"), vec![i, h], w));
+        out.push((format!("{p}.mlp.down_proj.weight"), vec![h, i], w));
+    }
+    out.push(("model.norm.weight".to_string(), vec![h], Init::Ones));
+    if !cfg.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![cfg.vocab_size, h], w));
+    }
+    out
+}
+
+impl Llama {
+    /// A randomly initialised model: weights normal(0, 0.02), norms one, biases zero. The
+    /// values depend only on `seed` and each tensor's name.
+    pub fn init(cfg: &LlamaConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+        cfg.validate()?;
+        let mut tensors = HashMap::new();
+        for (name, shape, init) in expected_tensors(cfg) {
+            let t = init_tensor(seed, &name, &shape, init, dtype, device)?;
+            tensors.insert(name, t);
+        }
+        Self::from_tensors(cfg, tensors, dtype)
+    }
+
+    /// Builds a model from named tensors (converted to `dtype` and copied into new [`Var`]s).
+    ///
+    /// Every expected tensor must be present with its exact shape ([`Error::MissingTensors`],
+    /// [`Error::ShapeMismatch`]); extra names are [`Error::UnexpectedTensors`], except a
+    /// redundant `lm_head.weight` when the embeddings are tied and RoPE `inv_freq` buffers.
+    pub fn from_tensors(
+        cfg: &LlamaConfig,
+        mut tensors: HashMap<String, Tensor>,
+        dtype: DType,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let shapes: HashMap<String, Vec<usize>> = tensors
+            .iter()
+            .map(|(n, t)| (n.clone(), t.dims().to_vec()))
+            .collect();
+        check_names(cfg, &shapes)?;
+        let expected = expected_tensors(cfg);
+        let mut params = ParamStore::new();
+        for (name, _, _) in &expected {
+            let t = tensors
+                .remove(name)
+                .ok_or_else(|| Error::MissingTensors {
+                    names: vec![name.clone()],
+                })?
+                .to_dtype(dtype)?;
+            params.insert(name.clone(), Var::from_tensor(&t)?);
+        }
+        Self::assemble(cfg.clone(), params)
+    }
+
+    fn assemble(cfg: LlamaConfig, params: ParamStore) -> Result<Self> {
+        let get = |name: &str| -> Result<Tensor> {
+            params
+                .get(name)
+                .map(|v| v.as_tensor().clone())
+                .ok_or_else(|| Error::MissingTensors {
+                    names: vec![name.to_string()],
+                })
+        };
+        let opt = |name: &str| params.get(name).map(|v| v.as_tensor().clone());
+        let linear = |p: &str| -> Result<Linear> {
+            Ok(Linear {
+                weight: get(&format!("{p}.weight"))?,
+                bias: opt(&format!("{p}.bias")),
+            })
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            layers.push(Layer {
+                input_norm: get(&format!("{p}.input_layernorm.weight"))?,
+                q: linear(&format!("{p}.self_attn.q_proj"))?,
+                k: linear(&format!("{p}.self_attn.k_proj"))?,
+                v: linear(&format!("{p}.self_attn.v_proj"))?,
+                o: linear(&format!("{p}.self_attn.o_proj"))?,
+                post_norm: get(&format!("{p}.post_attention_layernorm.weight"))?,
+                gate: linear(&format!("{p}.mlp.gate_proj"))?,
+                up: linear(&format!("{p}.mlp.up_proj"))?,
+                down: linear(&format!("{p}.mlp.down_proj"))?,
+            });
+        }
+        let embed = get("model.embed_tokens.weight")?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            get("lm_head.weight")?
+        };
+        let device = embed.device().clone();
+        let (cos, sin) = rope_tables(&cfg, embed.dtype(), &device)?;
+        Ok(Llama {
+            norm: get("model.norm.weight")?,
+            embed,
+            layers,
+            lm_head,
+            cos,
+            sin,
+            params,
+            cfg,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// The trainable parameters.
+    pub fn params(&self) -> &ParamStore {
+        &self.params
+    }
+
+    /// The device the parameters live on.
+    pub fn device(&self) -> &Device {
+        self.embed.device()
+    }
+
+    /// The parameters' element type.
+    pub fn dtype(&self) -> DType {
+        self.embed.dtype()
+    }
+
+    /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]` (positions `0..seq`, causal).
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if t == 0 || t > self.cfg.max_position_embeddings {
+            return Err(Error::SequenceTooLong {
+                len: t,
+                max: self.cfg.max_position_embeddings,
+            });
+        }
+        let h = self.cfg.hidden_size;
+        let flat = ids.flatten_all()?.to_dtype(DType::U32)?;
+        let mut x = self.embed.index_select(&flat, 0)?.reshape((b, t, h))?;
+        let cos = self.cos.narrow(0, 0, t)?;
+        let sin = self.sin.narrow(0, 0, t)?;
+        for layer in &self.layers {
+            x = self.layer_forward(layer, &x, &cos, &sin)?;
+        }
+        let x = ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
+        let head = Linear {
+            weight: self.lm_head.clone(),
+            bias: None,
+        };
+        head.forward(&x)
+    }
+
+    fn layer_forward(&self, l: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (b, t, _) = x.dims3()?;
+        let nh = cfg.num_attention_heads;
+        let nkv = cfg.num_kv_heads();
+        let hd = cfg.head_dim();
+        let rep = nh / nkv;
+
+        let hs = ops::rms_norm(x, &l.input_norm, cfg.rms_norm_eps)?;
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = heads(l.q.forward(&hs)?, nh)?;
+        let k = heads(l.k.forward(&hs)?, nkv)?;
+        let v = heads(l.v.forward(&hs)?, nkv)?;
+        let q = ops::rope(&q, cos, sin, RopeLayout::HalfSplit)?;
+        let k = ops::rope(&k, cos, sin, RopeLayout::HalfSplit)?;
+        // Grouped-query attention without copying K/V: the `rep` query heads that share a
+        // key/value head are stacked along the rows, [b, nkv, rep * t, hd].
+        let q = q.reshape((b, nkv, rep * t, hd))?;
+        let scores = q.matmul(&k.t()?)?;
+        let probs =
+            ops::causal_softmax(&scores, 1.0 / (hd as f64).sqrt(), t, cfg.attention_window())?;
+        let attn = probs
+            .matmul(&v)?
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
+        let x = (x + l.o.forward(&attn)?)?;
+
+        let hs = ops::rms_norm(&x, &l.post_norm, cfg.rms_norm_eps)?;
+        let act = (l.gate.forward(&hs)?.silu()? * l.up.forward(&hs)?)?;
+        Ok((x + l.down.forward(&act)?)?)
+    }
+
+    /// Mean next-token cross entropy of `logits` (`[batch, seq, vocab]`) against `labels`
+    /// (`[batch, seq]`, usually the input ids): position `i` predicts `labels[i + 1]`. Labels
+    /// equal to `-100` (Hugging Face's ignore index) and positions where `loss_mask` is zero
+    /// are left out of the mean.
+    pub fn next_token_loss(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        loss_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let targets = ops::next_token_targets(labels, Some(-100), loss_mask)?;
+        ops::cross_entropy(logits, &targets)
+    }
+}
+
+/// Checks tensor names and shapes against what `cfg` needs.
+pub(crate) fn check_names(cfg: &LlamaConfig, shapes: &HashMap<String, Vec<usize>>) -> Result<()> {
+    let expected = expected_tensors(cfg);
+    let mut missing = Vec::new();
+    for (name, shape, _) in &expected {
+        match shapes.get(name) {
+            None => missing.push(name.clone()),
+            Some(found) if found != shape => {
+                return Err(Error::ShapeMismatch {
+                    tensor: name.clone(),
+                    expected: shape.clone(),
+                    found: found.clone(),
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    if !missing.is_empty() {
+        return Err(Error::MissingTensors { names: missing });
+    }
+    let known: std::collections::HashSet<&str> =
+        expected.iter().map(|(n, _, _)| n.as_str()).collect();
+    let mut unexpected: Vec<String> = shapes
+        .keys()
+        .filter(|n| !known.contains(n.as_str()) && !is_ignorable(cfg, n))
+        .cloned()
+        .collect();
+    if !unexpected.is_empty() {
+        unexpected.sort();
+        return Err(Error::UnexpectedTensors { names: unexpected });
+    }
+    Ok(())
+}
+
+fn is_ignorable(cfg: &LlamaConfig, name: &str) -> bool {
+    name.ends_with("rotary_emb.inv_freq") || (cfg.tie_word_embeddings && name == "lm_head.weight")
+}
+
+/// RoPE `cos`/`sin` tables `[max_position_embeddings, head_dim / 2]`, computed in f64.
+fn rope_tables(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    let inv = cfg.inv_freq();
+    let n = cfg.max_position_embeddings;
+    let half = inv.len();
+    let mut cos = Vec::with_capacity(n * half);
+    let mut sin = Vec::with_capacity(n * half);
+    for p in 0..n {
+        for &f in &inv {
+            // Same rounding as the reference: angle computed in f32.
+            let a = f64::from(p as f32 * f as f32);
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    let cos = Tensor::from_vec(cos, (n, half), device)?.to_dtype(dtype)?;
+    let sin = Tensor::from_vec(sin, (n, half), device)?.to_dtype(dtype)?;
+    Ok((cos, sin))
+}

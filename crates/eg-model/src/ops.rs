@@ -1,0 +1,987 @@
+//! Fused operations with a backward pass.
+//!
+//! candle's own fused kernels (`candle_nn::ops::rms_norm`, `layer_norm`, `softmax_last_dim`,
+//! `rotary_emb::rope`) are built with `apply_op*_no_bwd`: a tensor that goes through them
+//! leaves the autograd graph, and everything upstream silently receives no gradient. The ops
+//! here are candle [`CustomOp1`]/[`CustomOp2`]/[`CustomOp3`] implementations whose `bwd`
+//! returns a gradient for every differentiable input, computed by a second fused kernel
+//! (one pass over the rows, row-parallel with rayon; weight gradients are reduced over fixed
+//! row blocks in a fixed order, so results do not depend on the number of threads).
+//!
+//! CPU kernels exist for `f32` and `f64`. `bf16`/`f16` inputs are converted to `f32` for the
+//! kernel and the result converted back (the conversions have their own backward). Other
+//! devices return candle's "no cuda implementation" error for now.
+//!
+//! Every backward is checked against central finite differences in `f64` and against the
+//! composite candle formulation in this crate's tests.
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType,
+};
+use rayon::prelude::*;
+
+use crate::{Error, Result};
+
+/// Rows per block when reducing weight gradients; fixed so the sum order is deterministic.
+const ROW_BLOCK: usize = 32;
+
+/// Float element types with a CPU kernel.
+trait Real: WithDType {
+    fn sqrt(self) -> Self;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+}
+
+impl Real for f32 {
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    fn ln(self) -> Self {
+        f32::ln(self)
+    }
+}
+
+impl Real for f64 {
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn ln(self) -> Self {
+        f64::ln(self)
+    }
+}
+
+/// The contiguous slice of `storage` described by `layout`.
+fn slice<'a, T: WithDType>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &'static str,
+) -> candle_core::Result<&'a [T]> {
+    let data = storage.as_slice::<T>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => Err(candle_core::Error::RequiresContiguous { op }),
+    }
+}
+
+fn last_dim(layout: &Layout) -> candle_core::Result<usize> {
+    layout
+        .dims()
+        .last()
+        .copied()
+        .ok_or_else(|| candle_core::Error::UnexpectedNumberOfDims {
+            expected: 1,
+            got: 0,
+            shape: layout.shape().clone(),
+        })
+}
+
+fn min_rows(d: usize) -> usize {
+    (4096 / d.max(1)).max(1)
+}
+
+/// Runs `$body` with `$t` bound to the element type of `$storage` (f32 or f64).
+macro_rules! dispatch {
+    ($storage:expr, $name:expr, $t:ident => $body:expr) => {
+        match $storage {
+            CpuStorage::F32(_) => {
+                type $t = f32;
+                $body
+            }
+            CpuStorage::F64(_) => {
+                type $t = f64;
+                $body
+            }
+            other => Err(candle_core::Error::UnsupportedDTypeForOp(
+                candle_core::backend::BackendStorage::dtype(other),
+                $name,
+            )),
+        }
+    };
+}
+
+/// Converts a half-precision tensor to f32 for a kernel; returns the dtype to convert back to.
+fn widen(x: &Tensor) -> Result<(Tensor, Option<DType>)> {
+    match x.dtype() {
+        DType::BF16 | DType::F16 => Ok((x.to_dtype(DType::F32)?, Some(x.dtype()))),
+        DType::F32 | DType::F64 => Ok((x.clone(), None)),
+        other => Err(Error::UnsupportedDType {
+            op: "fused op",
+            dtype: other,
+        }),
+    }
+}
+
+fn narrow_back(y: Tensor, back: Option<DType>) -> Result<Tensor> {
+    Ok(match back {
+        Some(dt) => y.to_dtype(dt)?,
+        None => y,
+    })
+}
+
+fn check_param(op: &'static str, p: &Tensor, d: usize, dtype: DType) -> Result<Tensor> {
+    if p.dims() != [d] {
+        return Err(Error::ShapeMismatch {
+            tensor: op.to_string(),
+            expected: vec![d],
+            found: p.dims().to_vec(),
+        });
+    }
+    Ok(p.to_dtype(dtype)?.contiguous()?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm
+
+struct RmsNormOp {
+    eps: f64,
+}
+
+fn rms_fwd<T: Real>(x: &[T], w: &[T], d: usize, eps: f64) -> Vec<T> {
+    let mut y = vec![T::from_f64(0.0); x.len()];
+    let inv_d = T::from_f64(1.0 / d as f64);
+    let eps = T::from_f64(eps);
+    y.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .with_min_len(min_rows(d))
+        .for_each(|(y, x)| {
+            let mut ss = T::from_f64(0.0);
+            for &v in x {
+                ss += v * v;
+            }
+            let r = T::from_f64(1.0) / (ss * inv_d + eps).sqrt();
+            for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                *y = x * r * w;
+            }
+        });
+    y
+}
+
+/// Returns `dx` (len `x.len()`) followed by `dw` (len `d`).
+fn rms_bwd<T: Real>(x: &[T], w: &[T], g: &[T], d: usize, eps: f64) -> Vec<T> {
+    let zero = T::from_f64(0.0);
+    let inv_d = T::from_f64(1.0 / d as f64);
+    let eps = T::from_f64(eps);
+    let mut out = vec![zero; x.len()];
+    let partials: Vec<Vec<T>> = out
+        .par_chunks_mut(d * ROW_BLOCK)
+        .zip(x.par_chunks(d * ROW_BLOCK))
+        .zip(g.par_chunks(d * ROW_BLOCK))
+        .map(|((dx, x), g)| {
+            let mut dw = vec![zero; d];
+            for ((dx, x), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
+                let mut ss = zero;
+                for &v in x {
+                    ss += v * v;
+                }
+                let r = T::from_f64(1.0) / (ss * inv_d + eps).sqrt();
+                // c = mean(g * w * xhat)
+                let mut acc = zero;
+                for i in 0..d {
+                    let xh = x[i] * r;
+                    acc += g[i] * w[i] * xh;
+                    dw[i] += g[i] * xh;
+                }
+                let cm = acc * inv_d;
+                for i in 0..d {
+                    dx[i] = r * (g[i] * w[i] - x[i] * r * cm);
+                }
+            }
+            dw
+        })
+        .collect();
+    let mut dw = vec![zero; d];
+    for p in partials {
+        for (a, b) in dw.iter_mut().zip(p) {
+            *a += b;
+        }
+    }
+    out.extend(dw);
+    out
+}
+
+impl CustomOp2 for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "eg-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = last_dim(l1)?;
+        dispatch!(s1, self.name(), T => {
+            let x = slice::<T>(s1, l1, self.name())?;
+            let w = slice::<T>(s2, l2, self.name())?;
+            let y = rms_fwd(x, w, d, self.eps);
+            Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
+        })
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = x.dim(candle_core::D::Minus1)?;
+        let n = x.elem_count();
+        let grad = grad.contiguous()?;
+        let both = x.apply_op3_no_bwd(w, &grad, &RmsNormBwd { eps: self.eps })?;
+        let dx = both.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = both.narrow(0, n, d)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+struct RmsNormBwd {
+    eps: f64,
+}
+
+impl CustomOp3 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "eg-rms-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = last_dim(l1)?;
+        dispatch!(s1, self.name(), T => {
+            let x = slice::<T>(s1, l1, self.name())?;
+            let w = slice::<T>(s2, l2, self.name())?;
+            let g = slice::<T>(s3, l3, self.name())?;
+            let out = rms_bwd(x, w, g, d, self.eps);
+            let len = out.len();
+            Ok((T::to_cpu_storage_owned(out), Shape::from(len)))
+        })
+    }
+}
+
+/// RMSNorm over the last dimension: `x * rsqrt(mean(x²) + eps) * weight`, with gradients for
+/// `x` and `weight`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let (xw, back) = widen(x)?;
+    let d = xw.dim(candle_core::D::Minus1)?;
+    let w = check_param("rms_norm weight", weight, d, xw.dtype())?;
+    let y = xw.contiguous()?.apply_op2(&w, RmsNormOp { eps })?;
+    narrow_back(y, back)
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm
+
+struct LayerNormOp {
+    eps: f64,
+}
+
+fn ln_stats<T: Real>(x: &[T], inv_d: T, eps: T) -> (T, T) {
+    let mut s = T::from_f64(0.0);
+    for &v in x {
+        s += v;
+    }
+    let mu = s * inv_d;
+    let mut var = T::from_f64(0.0);
+    for &v in x {
+        let c = v - mu;
+        var += c * c;
+    }
+    (mu, T::from_f64(1.0) / (var * inv_d + eps).sqrt())
+}
+
+fn ln_fwd<T: Real>(x: &[T], w: &[T], b: &[T], d: usize, eps: f64) -> Vec<T> {
+    let mut y = vec![T::from_f64(0.0); x.len()];
+    let inv_d = T::from_f64(1.0 / d as f64);
+    let eps = T::from_f64(eps);
+    y.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .with_min_len(min_rows(d))
+        .for_each(|(y, x)| {
+            let (mu, r) = ln_stats(x, inv_d, eps);
+            for i in 0..d {
+                y[i] = (x[i] - mu) * r * w[i] + b[i];
+            }
+        });
+    y
+}
+
+/// Returns `dx` followed by `dw` and `db`.
+fn ln_bwd<T: Real>(x: &[T], w: &[T], g: &[T], d: usize, eps: f64) -> Vec<T> {
+    let zero = T::from_f64(0.0);
+    let inv_d = T::from_f64(1.0 / d as f64);
+    let eps = T::from_f64(eps);
+    let mut out = vec![zero; x.len()];
+    let partials: Vec<Vec<T>> = out
+        .par_chunks_mut(d * ROW_BLOCK)
+        .zip(x.par_chunks(d * ROW_BLOCK))
+        .zip(g.par_chunks(d * ROW_BLOCK))
+        .map(|((dx, x), g)| {
+            let mut dwb = vec![zero; 2 * d];
+            for ((dx, x), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
+                let (mu, r) = ln_stats(x, inv_d, eps);
+                let mut m1 = zero;
+                let mut m2 = zero;
+                for i in 0..d {
+                    let xh = (x[i] - mu) * r;
+                    let gw = g[i] * w[i];
+                    m1 += gw;
+                    m2 += gw * xh;
+                    dwb[i] += g[i] * xh;
+                    dwb[d + i] += g[i];
+                }
+                m1 *= inv_d;
+                m2 *= inv_d;
+                for i in 0..d {
+                    let xh = (x[i] - mu) * r;
+                    dx[i] = r * (g[i] * w[i] - m1 - xh * m2);
+                }
+            }
+            dwb
+        })
+        .collect();
+    let mut dwb = vec![zero; 2 * d];
+    for p in partials {
+        for (a, b) in dwb.iter_mut().zip(p) {
+            *a += b;
+        }
+    }
+    out.extend(dwb);
+    out
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "eg-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = last_dim(l1)?;
+        dispatch!(s1, self.name(), T => {
+            let x = slice::<T>(s1, l1, self.name())?;
+            let w = slice::<T>(s2, l2, self.name())?;
+            let b = slice::<T>(s3, l3, self.name())?;
+            let y = ln_fwd(x, w, b, d, self.eps);
+            Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
+        })
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = x.dim(candle_core::D::Minus1)?;
+        let n = x.elem_count();
+        let grad = grad.contiguous()?;
+        let all = x.apply_op3_no_bwd(w, &grad, &LayerNormBwd { eps: self.eps })?;
+        let dx = all.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = all.narrow(0, n, d)?;
+        let db = all.narrow(0, n + d, d)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+struct LayerNormBwd {
+    eps: f64,
+}
+
+impl CustomOp3 for LayerNormBwd {
+    fn name(&self) -> &'static str {
+        "eg-layer-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = last_dim(l1)?;
+        dispatch!(s1, self.name(), T => {
+            let x = slice::<T>(s1, l1, self.name())?;
+            let w = slice::<T>(s2, l2, self.name())?;
+            let g = slice::<T>(s3, l3, self.name())?;
+            let out = ln_bwd(x, w, g, d, self.eps);
+            let len = out.len();
+            Ok((T::to_cpu_storage_owned(out), Shape::from(len)))
+        })
+    }
+}
+
+/// LayerNorm over the last dimension: `(x - mean) * rsqrt(var + eps) * weight + bias`, with
+/// gradients for `x`, `weight` and `bias`.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let (xw, back) = widen(x)?;
+    let d = xw.dim(candle_core::D::Minus1)?;
+    let w = check_param("layer_norm weight", weight, d, xw.dtype())?;
+    let b = check_param("layer_norm bias", bias, d, xw.dtype())?;
+    let y = xw.contiguous()?.apply_op3(&w, &b, LayerNormOp { eps })?;
+    narrow_back(y, back)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax (optionally scaled and causally masked)
+
+/// A causal mask fused into [`causal_softmax`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Causal {
+    /// Query positions per block of rows: row `r` is query `r % q_len`.
+    q_len: usize,
+    /// Keys further back than this many positions are masked (`None`: no window).
+    window: Option<usize>,
+}
+
+struct SoftmaxOp {
+    scale: f64,
+    causal: Option<Causal>,
+}
+
+/// Number of leading keys that row `row` may attend to, and the first allowed key.
+fn allowed(causal: Option<Causal>, row: usize, cols: usize) -> (usize, usize) {
+    match causal {
+        None => (0, cols),
+        Some(Causal { q_len, window }) => {
+            let pos = row % q_len + cols.saturating_sub(q_len);
+            let end = (pos + 1).min(cols);
+            let start = match window {
+                Some(w) => (pos + 1).saturating_sub(w),
+                None => 0,
+            };
+            (start.min(end), end)
+        }
+    }
+}
+
+fn softmax_fwd<T: Real>(x: &[T], cols: usize, scale: f64, causal: Option<Causal>) -> Vec<T> {
+    let zero = T::from_f64(0.0);
+    let s = T::from_f64(scale);
+    let mut y = vec![zero; x.len()];
+    y.par_chunks_mut(cols)
+        .zip(x.par_chunks(cols))
+        .enumerate()
+        .with_min_len(min_rows(cols))
+        .for_each(|(row, (y, x))| {
+            let (start, end) = allowed(causal, row, cols);
+            if start >= end {
+                return;
+            }
+            let mut max = x[start];
+            for &v in &x[start..end] {
+                if v > max {
+                    max = v;
+                }
+            }
+            let mut sum = zero;
+            for j in start..end {
+                let e = ((x[j] - max) * s).exp();
+                y[j] = e;
+                sum += e;
+            }
+            let inv = T::from_f64(1.0) / sum;
+            for v in &mut y[start..end] {
+                *v *= inv;
+            }
+        });
+    y
+}
+
+fn softmax_bwd<T: Real>(y: &[T], g: &[T], cols: usize, scale: f64) -> Vec<T> {
+    let s = T::from_f64(scale);
+    let mut dx = vec![T::from_f64(0.0); y.len()];
+    dx.par_chunks_mut(cols)
+        .zip(y.par_chunks(cols).zip(g.par_chunks(cols)))
+        .with_min_len(min_rows(cols))
+        .for_each(|(dx, (y, g))| {
+            let mut dot = T::from_f64(0.0);
+            for (&y, &g) in y.iter().zip(g) {
+                dot += y * g;
+            }
+            for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
+                *dx = s * y * (g - dot);
+            }
+        });
+    dx
+}
+
+impl CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "eg-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let cols = last_dim(l)?;
+        dispatch!(s, self.name(), T => {
+            let x = slice::<T>(s, l, self.name())?;
+            let y = softmax_fwd(x, cols, self.scale, self.causal);
+            Ok((T::to_cpu_storage_owned(y), l.shape().clone()))
+        })
+    }
+
+    fn bwd(&self, _x: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        let dx = res.apply_op2_no_bwd(&grad, &SoftmaxBwd { scale: self.scale })?;
+        Ok(Some(dx))
+    }
+}
+
+struct SoftmaxBwd {
+    scale: f64,
+}
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "eg-softmax-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let cols = last_dim(l1)?;
+        dispatch!(s1, self.name(), T => {
+            let y = slice::<T>(s1, l1, self.name())?;
+            let g = slice::<T>(s2, l2, self.name())?;
+            let dx = softmax_bwd(y, g, cols, self.scale);
+            Ok((T::to_cpu_storage_owned(dx), l1.shape().clone()))
+        })
+    }
+}
+
+/// Softmax over the last dimension, with a gradient.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let (xw, back) = widen(x)?;
+    let y = xw.contiguous()?.apply_op1(SoftmaxOp {
+        scale: 1.0,
+        causal: None,
+    })?;
+    narrow_back(y, back)
+}
+
+/// `softmax(scale * scores)` over the last dimension with a causal mask fused in.
+///
+/// `scores` has shape `[..., rows, keys]` where the rows are blocks of `q_len` consecutive query
+/// positions (several heads of one key/value group may be stacked along the rows: row `r` is
+/// query `r % q_len`). The queries are the last `q_len` of the `keys` positions. A key `j` is
+/// visible to query position `i` when `j <= i` and, with a sliding `window`, `i - j < window`
+/// (Hugging Face's convention). Masked entries are exactly zero and get no gradient.
+pub fn causal_softmax(
+    scores: &Tensor,
+    scale: f64,
+    q_len: usize,
+    window: Option<usize>,
+) -> Result<Tensor> {
+    let (xw, back) = widen(scores)?;
+    let rows = if xw.rank() >= 2 {
+        xw.dim(candle_core::D::Minus2)?
+    } else {
+        0
+    };
+    if q_len == 0 || rows % q_len != 0 || xw.dim(candle_core::D::Minus1)? < q_len {
+        return Err(Error::ShapeMismatch {
+            tensor: "causal_softmax scores".to_string(),
+            expected: vec![q_len, q_len],
+            found: xw.dims().to_vec(),
+        });
+    }
+    let y = xw.contiguous()?.apply_op1(SoftmaxOp {
+        scale,
+        causal: Some(Causal { q_len, window }),
+    })?;
+    narrow_back(y, back)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotary position embedding
+
+/// How the rotated pairs of a head's features are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum RopeLayout {
+    /// Pairs `(x[i], x[i + d/2])`: the "neox"/Hugging Face Llama layout (candle's `rope`).
+    HalfSplit,
+    /// Pairs `(x[2i], x[2i + 1])`: the original/GPT-J layout (candle's `rope_i`).
+    Interleaved,
+}
+
+struct RopeOp {
+    layout: RopeLayout,
+    /// Rotate by `-θ` (the backward of a rotation by `θ`).
+    inverse: bool,
+}
+
+fn rope_kernel<T: Real>(
+    x: &[T],
+    cos: &[T],
+    sin: &[T],
+    t: usize,
+    d: usize,
+    layout: RopeLayout,
+    inverse: bool,
+) -> Vec<T> {
+    let half = d / 2;
+    let mut y = vec![T::from_f64(0.0); x.len()];
+    y.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .enumerate()
+        .with_min_len(min_rows(d))
+        .for_each(|(row, (y, x))| {
+            let pos = row % t;
+            let cs = &cos[pos * half..(pos + 1) * half];
+            let sn = &sin[pos * half..(pos + 1) * half];
+            for i in 0..half {
+                let c = cs[i];
+                let s = if inverse {
+                    T::from_f64(0.0) - sn[i]
+                } else {
+                    sn[i]
+                };
+                let (a, b) = match layout {
+                    RopeLayout::HalfSplit => (i, i + half),
+                    RopeLayout::Interleaved => (2 * i, 2 * i + 1),
+                };
+                let x1 = x[a];
+                let x2 = x[b];
+                y[a] = x1 * c - x2 * s;
+                y[b] = x2 * c + x1 * s;
+            }
+        });
+    y
+}
+
+impl CustomOp3 for RopeOp {
+    fn name(&self) -> &'static str {
+        "eg-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = l1.dims();
+        if dims.len() < 2 {
+            return Err(candle_core::Error::UnexpectedNumberOfDims {
+                expected: 4,
+                got: dims.len(),
+                shape: l1.shape().clone(),
+            });
+        }
+        let d = dims[dims.len() - 1];
+        let t = dims[dims.len() - 2];
+        dispatch!(s1, self.name(), T => {
+            let x = slice::<T>(s1, l1, self.name())?;
+            let cos = slice::<T>(s2, l2, self.name())?;
+            let sin = slice::<T>(s3, l3, self.name())?;
+            let y = rope_kernel(x, cos, sin, t, d, self.layout, self.inverse);
+            Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
+        })
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dx = grad.apply_op3_no_bwd(
+            cos,
+            sin,
+            &RopeOp {
+                layout: self.layout,
+                inverse: !self.inverse,
+            },
+        )?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+/// Rotary position embedding of `x` (`[batch, heads, seq, head_dim]`, or any shape whose last
+/// two dimensions are `[seq, head_dim]`) with `cos`/`sin` of shape `[seq, head_dim / 2]`.
+///
+/// The gradient flows to `x` only: `cos` and `sin` are constants (computed from positions).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, layout: RopeLayout) -> Result<Tensor> {
+    let (xw, back) = widen(x)?;
+    let dims = xw.dims();
+    let (t, d) = match dims {
+        [.., t, d] => (*t, *d),
+        _ => {
+            return Err(Error::ShapeMismatch {
+                tensor: "rope input".to_string(),
+                expected: vec![0, 0],
+                found: dims.to_vec(),
+            });
+        }
+    };
+    let cs = [t, d / 2];
+    for (name, tensor) in [("rope cos", cos), ("rope sin", sin)] {
+        if d % 2 != 0 || tensor.dims() != cs {
+            return Err(Error::ShapeMismatch {
+                tensor: name.to_string(),
+                expected: cs.to_vec(),
+                found: tensor.dims().to_vec(),
+            });
+        }
+    }
+    let cos = cos.to_dtype(xw.dtype())?.detach().contiguous()?;
+    let sin = sin.to_dtype(xw.dtype())?.detach().contiguous()?;
+    let y = xw.contiguous()?.apply_op3(
+        &cos,
+        &sin,
+        RopeOp {
+            layout,
+            inverse: false,
+        },
+    )?;
+    narrow_back(y, back)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross entropy (fused log-softmax + negative log-likelihood)
+
+struct CrossEntropyOp {
+    /// Target class per row, `None` for ignored rows.
+    targets: std::sync::Arc<Vec<Option<u32>>>,
+    /// Number of rows that are not ignored (the mean's denominator, at least 1).
+    count: usize,
+}
+
+fn log_sum_exp<T: Real>(x: &[T]) -> T {
+    let mut max = x[0];
+    for &v in x {
+        if v > max {
+            max = v;
+        }
+    }
+    let mut s = T::from_f64(0.0);
+    for &v in x {
+        s += (v - max).exp();
+    }
+    max + s.ln()
+}
+
+fn ce_fwd<T: Real>(x: &[T], v: usize, targets: &[Option<u32>], count: usize) -> T {
+    let per_row: Vec<f64> = x
+        .par_chunks(v)
+        .zip(targets.par_iter())
+        .with_min_len(min_rows(v))
+        .map(|(x, t)| match t {
+            Some(t) => (log_sum_exp(x) - x[*t as usize]).to_f64(),
+            None => 0.0,
+        })
+        .collect();
+    // Sum in row order in f64: deterministic and accurate.
+    T::from_f64(per_row.iter().sum::<f64>() / count as f64)
+}
+
+fn ce_bwd<T: Real>(x: &[T], v: usize, targets: &[Option<u32>], scale: T) -> Vec<T> {
+    let mut dx = vec![T::from_f64(0.0); x.len()];
+    dx.par_chunks_mut(v)
+        .zip(x.par_chunks(v))
+        .zip(targets.par_iter())
+        .with_min_len(min_rows(v))
+        .for_each(|((dx, x), t)| {
+            if let Some(t) = t {
+                let lse = log_sum_exp(x);
+                for (dx, &x) in dx.iter_mut().zip(x) {
+                    *dx = (x - lse).exp() * scale;
+                }
+                dx[*t as usize] -= scale;
+            }
+        });
+    dx
+}
+
+impl CustomOp1 for CrossEntropyOp {
+    fn name(&self) -> &'static str {
+        "eg-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let v = last_dim(l)?;
+        dispatch!(s, self.name(), T => {
+            let x = slice::<T>(s, l, self.name())?;
+            let loss = ce_fwd(x, v, &self.targets, self.count);
+            Ok((T::to_cpu_storage_owned(vec![loss]), Shape::from(())))
+        })
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = grad.to_dtype(DType::F64)?.to_scalar::<f64>()? / self.count as f64;
+        let dx = x.apply_op1_no_bwd(&CrossEntropyBwd {
+            targets: self.targets.clone(),
+            scale: g,
+        })?;
+        Ok(Some(dx))
+    }
+}
+
+struct CrossEntropyBwd {
+    targets: std::sync::Arc<Vec<Option<u32>>>,
+    scale: f64,
+}
+
+impl CustomOp1 for CrossEntropyBwd {
+    fn name(&self) -> &'static str {
+        "eg-cross-entropy-bwd"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let v = last_dim(l)?;
+        dispatch!(s, self.name(), T => {
+            let x = slice::<T>(s, l, self.name())?;
+            let dx = ce_bwd(x, v, &self.targets, T::from_f64(self.scale));
+            Ok((T::to_cpu_storage_owned(dx), l.shape().clone()))
+        })
+    }
+}
+
+/// Mean cross entropy of `logits` (`[..., vocab]`) against `targets` (one per row; `None`
+/// rows are ignored and excluded from the mean). Fused: the log-softmax is never
+/// materialised; the backward is `softmax - one_hot` per row, computed in one pass.
+///
+/// With every row ignored the loss is `0` and the gradient is zero (not NaN).
+pub fn cross_entropy(logits: &Tensor, targets: &[Option<u32>]) -> Result<Tensor> {
+    let (xw, back) = widen(logits)?;
+    let v = xw.dim(candle_core::D::Minus1)?;
+    let rows = xw.elem_count() / v.max(1);
+    if targets.len() != rows {
+        return Err(Error::ShapeMismatch {
+            tensor: "cross_entropy targets".to_string(),
+            expected: vec![rows],
+            found: vec![targets.len()],
+        });
+    }
+    if let Some(bad) = targets.iter().flatten().find(|&&t| t as usize >= v) {
+        return Err(Error::TargetOutOfRange {
+            target: *bad,
+            vocab: v,
+        });
+    }
+    let count = targets.iter().filter(|t| t.is_some()).count().max(1);
+    let loss = xw.contiguous()?.apply_op1(CrossEntropyOp {
+        targets: std::sync::Arc::new(targets.to_vec()),
+        count,
+    })?;
+    narrow_back(loss, back)
+}
+
+/// Targets for next-token prediction: position `i` predicts token `i + 1` of the same row.
+///
+/// `ids` is `[batch, seq]` (any integer dtype); `ignore` marks label values to skip (Hugging
+/// Face uses `-100`); `loss_mask` (same shape, non-zero = counted) optionally masks the
+/// *predicted* positions (e.g. prompt tokens in SFT). The last position of each row has no
+/// target.
+pub fn next_token_targets(
+    ids: &Tensor,
+    ignore: Option<i64>,
+    loss_mask: Option<&Tensor>,
+) -> Result<Vec<Option<u32>>> {
+    let (b, t) = ids.dims2()?;
+    let flat: Vec<i64> = ids.flatten_all()?.to_dtype(DType::I64)?.to_vec1()?;
+    let mask: Option<Vec<f64>> = match loss_mask {
+        Some(m) => {
+            if m.dims() != [b, t] {
+                return Err(Error::ShapeMismatch {
+                    tensor: "loss_mask".to_string(),
+                    expected: vec![b, t],
+                    found: m.dims().to_vec(),
+                });
+            }
+            Some(m.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?)
+        }
+        None => None,
+    };
+    let mut out = Vec::with_capacity(b * t);
+    for row in 0..b {
+        for i in 0..t {
+            let target = if i + 1 < t {
+                let k = row * t + i + 1;
+                let label = flat[k];
+                let masked = mask.as_ref().is_some_and(|m| m[k] == 0.0);
+                if masked || Some(label) == ignore || label < 0 {
+                    None
+                } else {
+                    Some(u32::try_from(label).map_err(|_| Error::LabelOutOfRange { label })?)
+                }
+            } else {
+                None
+            };
+            out.push(target);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causal_allowed_ranges() {
+        let c = Some(Causal {
+            q_len: 3,
+            window: None,
+        });
+        assert_eq!(allowed(c, 0, 3), (0, 1));
+        assert_eq!(allowed(c, 2, 3), (0, 3));
+        // second head stacked along the rows
+        assert_eq!(allowed(c, 4, 3), (0, 2));
+        // queries are the last q_len of 5 keys
+        assert_eq!(allowed(c, 0, 5), (0, 3));
+        let w = Some(Causal {
+            q_len: 4,
+            window: Some(2),
+        });
+        assert_eq!(allowed(w, 3, 4), (2, 4));
+    }
+
+    #[test]
+    fn rms_bwd_is_thread_independent_in_layout() {
+        let d = 4;
+        let x: Vec<f64> = (0..(d * 70)).map(|i| (i as f64 * 0.37).sin()).collect();
+        let g: Vec<f64> = (0..(d * 70)).map(|i| (i as f64 * 0.11).cos()).collect();
+        let w = vec![1.0, 2.0, 0.5, -1.0];
+        let a = rms_bwd(&x, &w, &g, d, 1e-6);
+        let b = rms_bwd(&x, &w, &g, d, 1e-6);
+        assert_eq!(a, b);
+        assert_eq!(a.len(), x.len() + d);
+    }
+}

@@ -1,0 +1,13 @@
+//! Integration tests of eg-model (one binary; one module per area).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+#[path = "it/common.rs"]
+mod common;
+#[path = "it/hf.rs"]
+mod hf;
+#[path = "it/model.rs"]
+mod model;
+#[path = "it/ops.rs"]
+mod ops;
+#[path = "it/parity.rs"]
+mod parity;
