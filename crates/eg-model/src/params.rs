@@ -65,7 +65,8 @@ impl ParamStore {
         self.entries.iter().map(|(_, v)| v.elem_count()).sum()
     }
 
-    /// The current values, by name (detached from the graph), e.g. for saving.
+    /// The current values, by name, detached from the graph, e.g. for saving. They share
+    /// storage with the variables (no copy): an in-place optimizer update shows through.
     pub fn tensors(&self) -> BTreeMap<String, Tensor> {
         self.entries
             .iter()
