@@ -1,1 +1,3 @@
+//! Packing throughput (placeholder until written).
+
 fn main() {}

@@ -66,13 +66,20 @@
 
 mod dataset;
 mod error;
+mod glob;
 mod loader;
 pub mod order;
 pub mod pack;
 pub mod shards;
+pub mod stream;
 
 pub use dataset::{InMemoryDataset, TokenDataset};
 pub use error::{Error, Result};
+pub use glob::expand_inputs;
 pub use loader::{Carry, Cursor, Loader, LoaderOptions, Packing, Placement};
 pub use pack::{Batch, RowPlan, Span};
 pub use shards::{ShardFiles, ShardWriter, TokenShards, TokenWidth};
+pub use stream::{
+    ChatMessage, Document, DocumentStream, FieldPath, Format, JsonField, QuarantineEntry,
+    QuarantineReason, StreamOptions, StreamStats, TextSplit,
+};

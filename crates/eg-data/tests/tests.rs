@@ -1,3 +1,6 @@
 //! Integration tests of eg-data (one binary; modules by topic).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may panic
+
 mod loader;
+mod stream;
