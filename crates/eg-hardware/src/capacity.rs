@@ -177,24 +177,62 @@ pub fn probe_capacity(report: &HardwareReport, opts: &ProbeOptions) -> Result<Ca
             Err(e) => tracing::warn!(target: "eg_hardware", "ignoring capacity cache: {e}"),
         }
     }
-    let measured = measure(&fingerprint, opts.budget)?;
+    let gpus = match report.gpu.status {
+        crate::gpu::GpuStatus::Available => report.gpu.devices.len(),
+        _ => 0,
+    };
+    let measured = measure(&fingerprint, opts.budget, gpus)?;
     if let Some(dir) = &opts.cache_dir {
         write_cache(dir, &measured)?;
     }
     Ok(measured)
 }
 
-/// Measures GEMM per dtype and memory bandwidth, within `budget` in total.
-pub fn measure(fingerprint: &str, budget: Duration) -> Result<CapacityReport> {
-    use candle_core::DType;
-    let per_gemm = budget.mul_f64(0.28);
-    let mut gemm = Vec::new();
-    for (dtype, name) in [
+/// Measures GEMM per dtype on the CPU (and on `gpus` CUDA devices) and memory bandwidth,
+/// within `budget` in total.
+///
+/// GPU figures need the `cuda` feature (candle built with CUDA); without it each GPU gets a
+/// figure with no throughput and a note saying so. Call this with `gpus > 0` only when NVML
+/// found a driver: candle's CUDA layer (cudarc) panics when the CUDA library is missing.
+pub fn measure(fingerprint: &str, budget: Duration, gpus: usize) -> Result<CapacityReport> {
+    use candle_core::{DType, Device};
+    const DTYPES: [(DType, &str); 3] = [
         (DType::F32, "f32"),
         (DType::BF16, "bf16"),
         (DType::F16, "f16"),
-    ] {
-        gemm.push(gemm_cpu(dtype, name, per_gemm)?);
+    ];
+    let per_gemm = budget.mul_f64(0.85 / (3.0 * (1 + gpus) as f64));
+    let mut gemm = Vec::new();
+    for (dtype, name) in DTYPES {
+        gemm.push(gemm_on(&Device::Cpu, "cpu", dtype, name, per_gemm)?);
+    }
+    for i in 0..gpus {
+        let label = format!("cuda:{i}");
+        match Device::new_cuda(i) {
+            Ok(dev) => {
+                for (dtype, name) in DTYPES {
+                    gemm.push(gemm_on(&dev, &label, dtype, name, per_gemm)?);
+                }
+            }
+            Err(e) => {
+                let note = if cfg!(feature = "cuda") {
+                    format!("CUDA device unavailable: {e}")
+                } else {
+                    "GPU GEMM needs eg-hardware's `cuda` feature".to_owned()
+                };
+                for (_, name) in DTYPES {
+                    gemm.push(GemmFigure {
+                        device: label.clone(),
+                        dtype: name.into(),
+                        n: 0,
+                        iterations: 0,
+                        seconds: 0.0,
+                        gflops: None,
+                        note: Some(note.clone()),
+                    });
+                }
+            }
+        }
     }
     let memory_bandwidth_gb_s = memory_bandwidth(budget.mul_f64(0.12));
     Ok(CapacityReport {
@@ -210,37 +248,41 @@ pub fn measure(fingerprint: &str, budget: Duration) -> Result<CapacityReport> {
     })
 }
 
-/// GFLOP/s of an `n×n · n×n` product in `dtype` on the CPU, timed for about `budget`.
-pub fn gemm_cpu(
+/// GFLOP/s of an `n×n · n×n` product in `dtype` on `dev`, timed for about `budget`. The
+/// device is synchronised before the clock stops.
+pub fn gemm_on(
+    dev: &candle_core::Device,
+    device_name: &str,
     dtype: candle_core::DType,
     name: &'static str,
     budget: Duration,
 ) -> Result<GemmFigure> {
-    use candle_core::{Device, Tensor};
+    use candle_core::Tensor;
     let err = |source| Error::Gemm {
         dtype: name,
-        device: "cpu",
+        device: device_name.to_owned(),
         source,
     };
-    let dev = Device::Cpu;
+    let sync = |d: &candle_core::Device| d.synchronize().map_err(err);
     // Grow n until one product takes a measurable time (or n is large), within a quarter of
     // the budget.
     let sizing_budget = budget / 4;
     let sizing_start = Instant::now();
     let mut n = 128usize;
     let (a, b) = loop {
-        let a = Tensor::randn(0f32, 1.0, (n, n), &dev)
+        let a = Tensor::randn(0f32, 1.0, (n, n), dev)
             .and_then(|t| t.to_dtype(dtype))
             .map_err(err)?;
-        let b = Tensor::randn(0f32, 1.0, (n, n), &dev)
+        let b = Tensor::randn(0f32, 1.0, (n, n), dev)
             .and_then(|t| t.to_dtype(dtype))
             .map_err(err)?;
+        sync(dev)?;
         let t = Instant::now();
-        match a.matmul(&b) {
+        match a.matmul(&b).and_then(|c| dev.synchronize().map(|()| c)) {
             Ok(_) => {}
             Err(e) => {
                 return Ok(GemmFigure {
-                    device: "cpu".into(),
+                    device: device_name.into(),
                     dtype: name.into(),
                     n,
                     iterations: 0,
@@ -264,11 +306,15 @@ pub fn gemm_cpu(
         // Keep the result alive until here so the product is not optimised away.
         std::hint::black_box(&c);
         iterations += 1;
+        if iterations.is_multiple_of(8) {
+            sync(dev)?;
+        }
     }
+    sync(dev)?;
     let seconds = start.elapsed().as_secs_f64();
     let flops = 2.0 * (n as f64).powi(3) * f64::from(iterations);
     Ok(GemmFigure {
-        device: "cpu".into(),
+        device: device_name.into(),
         dtype: name.into(),
         n,
         iterations,

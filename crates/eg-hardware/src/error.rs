@@ -44,8 +44,8 @@ pub enum Error {
     Gemm {
         /// The data type being measured.
         dtype: &'static str,
-        /// The device being measured.
-        device: &'static str,
+        /// The device being measured (`cpu`, `cuda:0`).
+        device: String,
         /// The underlying error.
         #[source]
         source: candle_core::Error,

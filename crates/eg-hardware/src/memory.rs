@@ -292,10 +292,10 @@ fn cgroup(root: &Root, mounts: &[Mount], notes: &mut Notes) -> CgroupMemory {
             Missing::Quiet,
             notes,
         );
-        if let Some(c) = &controllers {
-            if !c.split_whitespace().any(|x| x == "memory") {
-                return none;
-            }
+        if let Some(c) = &controllers
+            && !c.split_whitespace().any(|x| x == "memory")
+        {
+            return none;
         }
         let dir = group_dir(mount, &path, notes);
         let limit = walk_limits(root, &dir, &mp, "memory.max", parse_v2_limit, notes);

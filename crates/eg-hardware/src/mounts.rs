@@ -24,12 +24,13 @@ fn unescape(s: &str) -> String {
     while i < b.len() {
         if b[i] == b'\\' && i + 4 <= b.len() {
             let oct = s.get(i + 1..i + 4).unwrap_or("");
-            if oct.len() == 3 && oct.bytes().all(|c| (b'0'..=b'7').contains(&c)) {
-                if let Ok(v) = u8::from_str_radix(oct, 8) {
-                    out.push(v);
-                    i += 4;
-                    continue;
-                }
+            if oct.len() == 3
+                && oct.bytes().all(|c| (b'0'..=b'7').contains(&c))
+                && let Ok(v) = u8::from_str_radix(oct, 8)
+            {
+                out.push(v);
+                i += 4;
+                continue;
             }
         }
         out.push(b[i]);

@@ -59,8 +59,8 @@ pub struct Bandwidth {
     /// Whether `O_DIRECT` was used (otherwise buffered I/O with `fsync` and
     /// `POSIX_FADV_DONTNEED`).
     pub direct_io: bool,
-    /// Whether the read pass may have been served from the page cache (buffered I/O on a
-    /// filesystem that ignores the drop request, e.g. tmpfs).
+    /// Whether the read pass may have been served from memory: a memory-backed filesystem
+    /// (tmpfs, even with `O_DIRECT`), or buffered I/O where dropping the cache failed.
     pub read_may_be_cached: bool,
 }
 
@@ -217,13 +217,12 @@ pub(crate) fn detect(
         free_bytes: None,
         bandwidth: None,
     };
-    if root.is_host() {
-        if let Some((t, a)) = statvfs_bytes(Path::new(&abs))
+    if root.is_host()
+        && let Some((t, a)) = statvfs_bytes(Path::new(&abs))
             .or_else(|| Path::new(&abs).ancestors().skip(1).find_map(statvfs_bytes))
-        {
-            report.total_bytes = Some(t);
-            report.free_bytes = Some(a);
-        }
+    {
+        report.total_bytes = Some(t);
+        report.free_bytes = Some(a);
     }
     let Some(m) = mounts::containing(mounts, &abs) else {
         notes.warn(format!(
@@ -325,10 +324,14 @@ struct Cleanup(PathBuf);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_file(&self.0) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(target: "eg_hardware", "could not remove probe file {}: {e}", self.0.display());
-            }
+        if let Err(e) = std::fs::remove_file(&self.0)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(
+                target: "eg_hardware",
+                "could not remove probe file {}: {e}",
+                self.0.display()
+            );
         }
     }
 }
@@ -508,7 +511,7 @@ pub fn measure_bandwidth(dir: &Path, limits: BandwidthLimits) -> Result<Bandwidt
     }
     let read_secs = start.elapsed().as_secs_f64();
     // tmpfs and friends keep the data in memory whatever we ask.
-    read_may_be_cached |= !direct_write && is_ram_fs(dir);
+    read_may_be_cached |= is_ram_fs(dir);
     Ok(Bandwidth {
         bytes: written,
         write_mb_s: written as f64 / write_secs.max(1e-9) / 1e6,

@@ -98,7 +98,13 @@ pub(crate) fn detect_thermal(root: &Root, notes: &mut Notes) -> ThermalReport {
             .into_iter()
             .filter(|f| f.starts_with("temp") && f.ends_with("_input"))
             .collect();
-        inputs.sort_by(|a, b| root::natural_cmp(a, b));
+        inputs.sort_by_key(|f| {
+            let n: String = f["temp".len()..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            (n.parse::<u32>().unwrap_or(u32::MAX), f.clone())
+        });
         for input in inputs {
             let stem = input.trim_end_matches("_input");
             let label =
