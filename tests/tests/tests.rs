@@ -1,0 +1,3 @@
+//! Workspace-wide integration tests (one binary, one module per concern).
+
+mod layering;
