@@ -72,6 +72,7 @@ pub mod order;
 pub mod pack;
 pub mod shards;
 pub mod stream;
+pub mod tokenize;
 
 pub use dataset::{InMemoryDataset, TokenDataset};
 pub use error::{Error, Result};
@@ -82,4 +83,8 @@ pub use shards::{ShardFiles, ShardWriter, TokenShards, TokenWidth};
 pub use stream::{
     ChatMessage, Document, DocumentStream, FieldPath, Format, JsonField, QuarantineEntry,
     QuarantineReason, StreamOptions, StreamStats, TextSplit,
+};
+pub use tokenize::{
+    BpeOptions, ChatTemplate, PrepareOptions, Prepared, PreparedManifest, TextTokenizer, cache_key,
+    prepare,
 };

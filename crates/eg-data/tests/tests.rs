@@ -4,3 +4,4 @@
 
 mod loader;
 mod stream;
+mod tokenize;
