@@ -19,7 +19,9 @@
 //!   held in a [`ParamStore`] under Hugging Face tensor names;
 //! - loads and saves Hugging Face directories ([`hf`]): `config.json` plus `model.safetensors`
 //!   or a sharded index, memory-mapped, with typed errors for every bad input, and resolves
-//!   the hf-hub cache layout offline.
+//!   the hf-hub cache layout offline;
+//! - analyses a configuration ([`analysis`]): parameters, bytes, FLOPs and activation bytes
+//!   per token for each module, for the memory planner.
 //!
 //! `candle-transformers` is used only in tests, as the inference reference the logits must
 //! match.
@@ -44,6 +46,7 @@
 //! # }
 //! ```
 
+pub mod analysis;
 pub mod config;
 pub mod hf;
 pub mod llama;
@@ -51,6 +54,7 @@ pub mod ops;
 pub mod params;
 pub mod safetensors;
 
+pub use analysis::{Analysis, ModuleStats, analyze_llama};
 pub use config::{LlamaConfig, ModelType, RopeScaling};
 pub use llama::Llama;
 pub use params::ParamStore;

@@ -171,3 +171,43 @@ fn sequence_longer_than_position_tables_is_an_error() {
         eg_model::Error::SequenceTooLong { len: 5, max: 4 }
     ));
 }
+
+#[test]
+fn analysis_counts_equal_the_real_tensors() {
+    for (name, cfg) in variants() {
+        for dtype in [DType::F32, DType::BF16] {
+            let model = Llama::init(&cfg, 1, dtype, &Device::Cpu).unwrap();
+            let a = model.analyze(16);
+            let real: usize = model.params().iter().map(|(_, v)| v.elem_count()).sum();
+            assert_eq!(a.params, real as u64, "{name}");
+            let bytes = (real * dtype.size_in_bytes()) as u64;
+            assert_eq!(a.bytes_by_dtype[dtype.as_str()], bytes, "{name}");
+            for (pname, var) in model.params().iter() {
+                let owner = a
+                    .modules
+                    .iter()
+                    .find(|m| pname.starts_with(&format!("{}.", m.name)))
+                    .unwrap_or_else(|| panic!("{name}: {pname} belongs to no module"));
+                assert!(owner.params >= var.elem_count() as u64);
+            }
+            // Forward FLOPs: 2 per weight of every matrix used as a linear layer (the
+            // embedding lookup costs none, a tied head uses it once), plus attention.
+            let matmul_params: usize = model
+                .params()
+                .iter()
+                .filter(|(n, v)| v.rank() == 2 && *n != "model.embed_tokens.weight")
+                .map(|(_, v)| v.elem_count())
+                .sum();
+            let head = if cfg.tie_word_embeddings {
+                cfg.vocab_size * cfg.hidden_size
+            } else {
+                0
+            };
+            let attn = cfg.num_hidden_layers * 4 * 16 * cfg.num_attention_heads * cfg.head_dim();
+            assert_eq!(
+                a.forward_flops_per_token,
+                (2 * (matmul_params + head) + attn) as u64
+            );
+        }
+    }
+}
