@@ -1,8 +1,101 @@
 //! `eg`: the Elastic-Guardian command line.
 //!
 //! Each subcommand lives in its own module; `main` parses arguments, sets up logging, runs the
-//! command and maps errors to the documented exit codes (see `exit.rs`).
+//! command and maps errors to the documented exit codes (see [`exit`]).
 
-fn main() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
+mod config_cmd;
+mod exit;
+mod hw;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use elastic_guardian::config;
+use elastic_guardian::monitor::logging::{self, ColorMode, LogSettings};
+
+/// Train and fine-tune transformer language models without crashing or losing work.
+#[derive(Debug, Parser)]
+#[command(name = "eg", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    /// Log filter in RUST_LOG syntax (the EG_LOG variable wins over the config; this flag wins
+    /// over both), e.g. `info,eg_kernel=debug`.
+    #[arg(long, global = true, value_name = "FILTER")]
+    log: Option<String>,
+    /// Console colour: auto, always or never (NO_COLOR is honoured).
+    #[arg(long, global = true, value_name = "WHEN", default_value = "auto")]
+    color: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check, show and describe configuration files.
+    #[command(subcommand)]
+    Config(config_cmd::ConfigCommand),
+    /// Report this machine's hardware (CPU, memory, GPUs, storage, thermal, power).
+    Hw(hw::HwArgs),
+    /// Train a model (not built yet: see the README's status table).
+    Train(TrainArgs),
+}
+
+/// Arguments of `eg train`.
+#[derive(Debug, clap::Args)]
+struct TrainArgs {
+    /// Configuration files, later ones win.
+    #[arg(long = "config", short = 'c', value_name = "FILE")]
+    config: Vec<std::path::PathBuf>,
+    /// Override one key: `key.path=value` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let color = match cli.color.as_str() {
+        _ if config::env::no_color() => ColorMode::Never,
+        "always" => ColorMode::Always,
+        "never" => ColorMode::Never,
+        _ => ColorMode::Auto,
+    };
+    let filter = cli
+        .log
+        .clone()
+        .or_else(config::env::log_filter)
+        .unwrap_or_else(|| "warn".into());
+    let settings = LogSettings {
+        filter,
+        color,
+        json_file: None,
+        span_durations: false,
+    };
+    let _guard = match logging::init(&settings) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            let code = exit::report(&anyhow::Error::new(e));
+            return code;
+        }
+    };
+    let result = match cli.command {
+        Command::Config(cmd) => config_cmd::run(cmd),
+        Command::Hw(args) => hw::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Train(args) => train(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => exit::report(&e),
+    }
+}
+
+fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    // Validate first so configuration mistakes are reported even before training exists.
+    let _config = config::Sources::new()
+        .files(&args.config)
+        .process_env()
+        .sets(&args.set)
+        .load()?;
+    Err(exit::Unsupported {
+        what: "`eg train` (the training loop, issue #6)",
+    }
+    .into())
 }

@@ -27,7 +27,9 @@ pub enum Origin {
         /// The argument as given, e.g. `train.optimizer.lr=3e-4`.
         arg: String,
     },
-    /// The value's origin is not known (for example a key that does not exist).
+    /// The key is not set by any layer and has no default.
+    NotSet,
+    /// The value's origin is not known (for example a key of no known section).
     Unknown,
 }
 
@@ -42,6 +44,7 @@ impl fmt::Display for Origin {
             Origin::File { path, line: None } => write!(f, "{}", path.display()),
             Origin::Env { var } => write!(f, "environment variable {var}"),
             Origin::Set { arg } => write!(f, "--set {arg}"),
+            Origin::NotSet => f.write_str("not set"),
             Origin::Unknown => f.write_str("unknown source"),
         }
     }
@@ -58,7 +61,10 @@ pub struct Located {
 
 impl fmt::Display for Located {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "`{}` (from {})", self.key, self.origin)
+        match self.origin {
+            Origin::NotSet => write!(f, "`{}` (not set)", self.key),
+            _ => write!(f, "`{}` (from {})", self.key, self.origin),
+        }
     }
 }
 

@@ -489,6 +489,10 @@ impl Resolved {
         let mut k = key;
         loop {
             if let Ok(v) = self.figment.find_value(k) {
+                if k != key && !matches!(v, Value::Array(..)) {
+                    // The key is absent below a table that exists.
+                    return Origin::NotSet;
+                }
                 return self.origin_of_tag(v.tag(), k);
             }
             match k.rsplit_once('.') {

@@ -288,7 +288,7 @@ fn quantized_base_without_lora() {
         &e,
         "model.quantization",
         &at_file(&p, 2),
-        &["nothing to train without LoRA"],
+        &["`model.lora` (not set)", "nothing to train without LoRA"],
     );
 }
 
