@@ -365,7 +365,9 @@ impl Drop for Staging {
 
 /// Fetches every asset; returns the manifest text to print.
 fn fetch(ctx: &Ctx, lock_path: &Path) -> Result<String> {
-    let mut lock = if ctx.update_lock && !lock_path.exists() {
+    // --update-lock starts from nothing: every archive is downloaded afresh and
+    // pins of versions no longer used disappear.
+    let mut lock = if ctx.update_lock {
         Lock::default()
     } else {
         Lock::read(lock_path)?
@@ -494,17 +496,14 @@ fn ensure_archive(
             lock.archives.keys().collect::<Vec<_>>()
         );
     }
-    if dest.is_file() {
+    if let Some(pin) = &pin
+        && dest.is_file()
+    {
         let (sha256, size) = sha256_file(&dest)?;
-        let found = Pin { sha256, size };
-        match &pin {
-            Some(p) if *p == found => return Ok(dest),
-            None => {
-                lock.archives.insert(file.to_owned(), found);
-                return Ok(dest);
-            }
-            Some(_) => println!("  {file}: cached copy does not match its pin, downloading again"),
+        if *pin == (Pin { sha256, size }) {
+            return Ok(dest);
         }
+        println!("  {file}: cached copy does not match its pin, downloading again");
     }
     let t0 = Instant::now();
     let downloaded = download(ctx, archive, file)?;
@@ -528,8 +527,9 @@ fn ensure_archive(
     }
     persist(&downloaded, &dest)?;
     println!(
-        "  downloaded {file} ({}, sha256 ok) in {:.1}s",
+        "  downloaded {file} ({}, sha256 {}) in {:.1}s",
         human(found.size),
+        if pin.is_some() { "ok" } else { "recorded" },
         t0.elapsed().as_secs_f64()
     );
     Ok(dest)

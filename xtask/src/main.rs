@@ -49,7 +49,18 @@ Tasks:
       Show this text.
 ";
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    // Print the cause chain ourselves: no backtrace noise from RUST_BACKTRACE.
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("\nxtask: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let task = args.next();
     let rest: Vec<String> = args.collect();
