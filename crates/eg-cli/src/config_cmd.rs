@@ -44,6 +44,8 @@ pub(crate) enum ConfigCommand {
     },
     /// Print the JSON Schema of configuration files (for editors).
     Schema,
+    /// Print the configuration reference (Markdown: every key, type, default and meaning).
+    Reference,
 }
 
 fn sources(files: &[PathBuf], set: &[String], no_env: bool) -> Sources {
@@ -86,6 +88,10 @@ pub(crate) fn run(cmd: ConfigCommand) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::from(code::INVALID))
                 }
             }
+        }
+        ConfigCommand::Reference => {
+            print!("{}", config::reference_markdown());
+            Ok(ExitCode::SUCCESS)
         }
         ConfigCommand::Schema => {
             println!("{}", serde_json::to_string_pretty(&config::json_schema())?);

@@ -45,6 +45,7 @@ pub mod env;
 mod error;
 mod loader;
 mod locate;
+mod reference;
 mod units;
 mod validate;
 pub mod wire;
@@ -53,6 +54,7 @@ pub use error::{Error, Located, Origin};
 pub use loader::{
     ENV_PREFIX, ENV_SEPARATOR, Entry, MAX_EXTENDS_DEPTH, MAX_FILE_BYTES, Resolved, Sources,
 };
+pub use reference::reference_markdown;
 pub use units::{ByteSize, ByteSizeError, Bytes, Ratio, SeqLen, Steps, Tokens};
 pub use validate::{
     BatchConfig, CheckpointsConfig, Config, DataConfig, Device, DistConfig, EvalConfig,
