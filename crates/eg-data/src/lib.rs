@@ -70,6 +70,7 @@ mod glob;
 mod loader;
 pub mod order;
 pub mod pack;
+mod prefetch;
 pub mod shards;
 pub mod stream;
 pub mod tokenize;
@@ -79,6 +80,7 @@ pub use error::{Error, Result};
 pub use glob::expand_inputs;
 pub use loader::{Carry, Cursor, Loader, LoaderOptions, Packing, Placement};
 pub use pack::{Batch, RowPlan, Span};
+pub use prefetch::{PrefetchStats, Prefetcher};
 pub use shards::{ShardFiles, ShardWriter, TokenShards, TokenWidth};
 pub use stream::{
     ChatMessage, Document, DocumentStream, FieldPath, Format, JsonField, QuarantineEntry,
