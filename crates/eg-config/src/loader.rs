@@ -428,6 +428,32 @@ fn read_file(path: &Path) -> Result<(String, Dict), Error> {
     }
 }
 
+/// The object schema behind a property: follows `$ref` and the non-null arm of `anyOf`.
+fn object_schema<'a>(
+    schema: &'a serde_json::Value,
+    p: &'a serde_json::Value,
+) -> &'a serde_json::Value {
+    let follow = |v: &'a serde_json::Value| -> &'a serde_json::Value {
+        match v
+            .get("$ref")
+            .and_then(serde_json::Value::as_str)
+            .and_then(|r| r.strip_prefix("#/$defs/"))
+        {
+            Some(name) => &schema["$defs"][name],
+            None => v,
+        }
+    };
+    if let Some(alts) = p.get("anyOf").and_then(serde_json::Value::as_array)
+        && let Some(obj) = alts
+            .iter()
+            .map(follow)
+            .find(|a| a.get("properties").is_some())
+    {
+        return obj;
+    }
+    follow(p)
+}
+
 /// Deepest bracket nesting the loader accepts (guards the parsers' recursion).
 const MAX_NESTING: usize = 64;
 
@@ -559,13 +585,77 @@ impl Resolved {
     }
 
     /// The merged wire configuration, with every figment error mapped to a located error.
+    ///
+    /// All unknown keys are reported together (found by walking the merged values against the
+    /// schema); otherwise each section is deserialized on its own so one error per section is
+    /// reported rather than only the first of the file.
     pub fn wire(&self) -> Result<WireConfig, Error> {
-        self.figment.extract::<WireConfig>().map_err(|e| {
-            let errors: Vec<Error> = e.into_iter().map(|e| self.map_figment_error(e)).collect();
-            Error::from_list(errors)
+        let unknown = self.unknown_keys();
+        if !unknown.is_empty() {
+            return Err(Error::from_list(unknown)
                 .err()
-                .unwrap_or_else(|| Error::Many(Vec::new()))
-        })
+                .unwrap_or(Error::Many(Vec::new())));
+        }
+        let mut errors = Vec::new();
+        let mut w = WireConfig::default();
+        macro_rules! section {
+            ($($name:ident),+) => {$(
+                match self.figment.focus(stringify!($name)).extract() {
+                    Ok(v) => w.$name = v,
+                    Err(e) => errors.extend(e.into_iter().map(|mut e| {
+                        e.path.insert(0, stringify!($name).to_string());
+                        self.map_figment_error(e)
+                    })),
+                }
+            )+};
+        }
+        section!(
+            run, hardware, memory, data, model, train, dist, monitor, export
+        );
+        Error::from_list(errors)?;
+        Ok(w)
+    }
+
+    /// Every key of the merged configuration that the schema does not know, with suggestions.
+    fn unknown_keys(&self) -> Vec<Error> {
+        let schema = crate::json_schema();
+        let top: Dict = self.figment.extract().unwrap_or_default();
+        let mut out = Vec::new();
+        self.walk_unknown(&schema, &schema, "", &top, &mut out);
+        out
+    }
+
+    fn walk_unknown(
+        &self,
+        schema: &serde_json::Value,
+        def: &serde_json::Value,
+        prefix: &str,
+        dict: &Dict,
+        out: &mut Vec<Error>,
+    ) {
+        let Some(props) = def.get("properties").and_then(serde_json::Value::as_object) else {
+            return;
+        };
+        for (k, v) in dict {
+            let key = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            match props.get(k) {
+                None => out.push(Error::UnknownKey {
+                    at: self.located(&key),
+                    suggestion: did_you_mean(k, props.keys().map(String::as_str)),
+                    allowed: props.keys().cloned().collect(),
+                }),
+                Some(p) => {
+                    if let Value::Dict(_, child) = v {
+                        let target = object_schema(schema, p);
+                        self.walk_unknown(schema, target, &key, child, out);
+                    }
+                }
+            }
+        }
     }
 
     /// Validates the merged configuration: the typed [`crate::Config`] or every error found.

@@ -543,3 +543,47 @@ fn env_with_empty_component() {
         "{err:?}"
     );
 }
+
+#[test]
+fn every_unknown_key_is_reported_at_once() {
+    let dir = Dir::new();
+    let p = dir.write(
+        "run.toml",
+        "[train]\nmax_step = 1\n[train.optimizer]\nlrr = 1\n[modle]\nx = 1\n",
+    );
+    let err = Sources::new()
+        .file(&p)
+        .set("data.seqlen=4")
+        .load()
+        .unwrap_err();
+    let keys: Vec<_> = err
+        .iter()
+        .filter_map(|e| e.key().map(str::to_string))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "data.seqlen",
+            "modle",
+            "train.max_step",
+            "train.optimizer.lrr"
+        ]
+    );
+    assert!(err.iter().all(|e| matches!(e, Error::UnknownKey { .. })));
+    assert!(err.to_string().contains("did you mean `seq_len`?"), "{err}");
+}
+
+#[test]
+fn one_type_error_per_section_is_reported() {
+    let dir = Dir::new();
+    let p = dir.write(
+        "run.toml",
+        "[run]\nseed = \"x\"\n[train]\nmax_steps = \"y\"\n[data]\nshuffle = 3\n",
+    );
+    let err = Sources::new().file(&p).load().unwrap_err();
+    let keys: Vec<_> = err
+        .iter()
+        .filter_map(|e| e.key().map(str::to_string))
+        .collect();
+    assert_eq!(keys, ["run.seed", "data.shuffle", "train.max_steps"]);
+}
