@@ -2,6 +2,8 @@
 //!
 //! Run: `cargo bench -p eg-data --bench packing`. The target in issue 5 is ≥ 500 MB/s.
 
+#![allow(clippy::expect_used)] // a benchmark may stop on a broken fixture
+
 use std::hint::black_box;
 use std::sync::Arc;
 
