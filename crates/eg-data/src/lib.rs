@@ -64,10 +64,12 @@
 //! # }
 //! ```
 
+pub mod augment;
 mod dataset;
 mod error;
 mod glob;
 mod loader;
+mod mix;
 pub mod order;
 pub mod pack;
 mod prefetch;
@@ -75,10 +77,12 @@ pub mod shards;
 pub mod stream;
 pub mod tokenize;
 
+pub use augment::Augment;
 pub use dataset::{InMemoryDataset, TokenDataset};
 pub use error::{Error, Result};
 pub use glob::expand_inputs;
 pub use loader::{Carry, Cursor, Loader, LoaderOptions, Packing, Placement};
+pub use mix::Mixture;
 pub use pack::{Batch, RowPlan, Span};
 pub use prefetch::{PrefetchStats, Prefetcher};
 pub use shards::{ShardFiles, ShardWriter, TokenShards, TokenWidth};

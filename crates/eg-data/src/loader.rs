@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::augment::Augment;
 use crate::order::{SplitMix64, epoch_order, mix64, shard_range};
 use crate::pack::{
     Batch, Fill, Item, RowPlan, Span, best_fit_decreasing, materialize, split_sample,
@@ -165,6 +166,7 @@ pub struct Loader {
     rng: SplitMix64,
     step: u64,
     plans: Vec<RowPlan>,
+    augment: Vec<Arc<dyn Augment>>,
 }
 
 impl std::fmt::Debug for Loader {
@@ -243,6 +245,7 @@ impl Loader {
             rng,
             step: 0,
             plans: Vec::new(),
+            augment: Vec::new(),
         })
     }
 
@@ -256,6 +259,13 @@ impl Loader {
         let mut l = Self::new(data, opts, placement)?;
         l.restore(cursor)?;
         Ok(l)
+    }
+
+    /// Apply `augment` (in order) to every segment of every batch. Augmentations are code,
+    /// not state: a resumed run must configure the same ones to repeat the same batches.
+    pub fn with_augmentations(mut self, augment: Vec<Arc<dyn Augment>>) -> Self {
+        self.augment = augment;
+        self
     }
 
     /// The options.
@@ -375,7 +385,7 @@ impl Loader {
             eos: self.opts.eos_id,
             pad: self.opts.pad_id,
         };
-        materialize(&*self.data, &plans[mine], fill, &mut batch)?;
+        materialize(&*self.data, &plans[mine], fill, &self.augment, &mut batch)?;
         batch.seq_len = self.opts.seq_len;
         self.step += 1;
         self.plans = plans;

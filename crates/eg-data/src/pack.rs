@@ -17,10 +17,13 @@
 //! position ids restart at 0 in every segment.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::augment::Augment;
+use crate::order::{SplitMix64, mix64};
 use crate::{Result, TokenDataset};
 
 /// A range of a sample's tokens placed in a row. Offsets count the sample's tokens followed
@@ -224,6 +227,7 @@ pub(crate) fn materialize(
     data: &dyn TokenDataset,
     rows: &[RowPlan],
     fill: Fill,
+    augment: &[Arc<dyn Augment>],
     batch: &mut Batch,
 ) -> Result<()> {
     let seq_len = fill.seq_len;
@@ -258,6 +262,18 @@ pub(crate) fn materialize(
             // Targets: not prompt tokens, not the segment's first token.
             let first_target = prompt.max(start + 1).saturating_sub(start).min(n);
             batch.loss_mask[at + first_target..at + n].fill(1);
+            if !augment.is_empty() {
+                // Seeded by step, sample and piece: never by rank.
+                let piece = span.sample ^ (u64::from(span.start) << 40);
+                let mut rng = SplitMix64::new(mix64(batch.rng_seed ^ mix64(piece)));
+                for a in augment {
+                    a.apply(
+                        &mut batch.input_ids[at..at + n],
+                        &mut batch.loss_mask[at..at + n],
+                        &mut rng,
+                    );
+                }
+            }
             at += n;
             batch.cu_seqlens.push(at as u32);
             batch.segment_is_padding.push(false);
