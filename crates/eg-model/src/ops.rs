@@ -781,6 +781,9 @@ struct CrossEntropyOp {
     targets: std::sync::Arc<Vec<Option<u32>>>,
     /// Number of rows that are not ignored (the mean's denominator, at least 1).
     count: usize,
+    /// Per-row log-sum-exp saved by the forward pass, so the backward needs one `exp` per
+    /// element instead of two.
+    lse: std::sync::Mutex<std::sync::Arc<Vec<f64>>>,
 }
 
 fn log_sum_exp<T: Real>(x: &[T]) -> T {
@@ -797,29 +800,40 @@ fn log_sum_exp<T: Real>(x: &[T]) -> T {
     max + s.ln()
 }
 
-fn ce_fwd<T: Real>(x: &[T], v: usize, targets: &[Option<u32>], count: usize) -> T {
-    let per_row: Vec<f64> = x
+/// Returns the mean loss and each row's log-sum-exp (0 for ignored rows).
+fn ce_fwd<T: Real>(x: &[T], v: usize, targets: &[Option<u32>], count: usize) -> (T, Vec<f64>) {
+    let per_row: Vec<(f64, f64)> = x
         .par_chunks(v)
         .zip(targets.par_iter())
         .with_min_len(min_rows(v))
         .map(|(x, t)| match t {
-            Some(t) => (log_sum_exp(x) - x[*t as usize]).to_f64(),
-            None => 0.0,
+            Some(t) => {
+                let lse = log_sum_exp(x);
+                ((lse - x[*t as usize]).to_f64(), lse.to_f64())
+            }
+            None => (0.0, 0.0),
         })
         .collect();
     // Sum in row order in f64: deterministic and accurate.
-    T::from_f64(per_row.iter().sum::<f64>() / count as f64)
+    let loss = per_row.iter().map(|p| p.0).sum::<f64>() / count as f64;
+    (
+        T::from_f64(loss),
+        per_row.into_iter().map(|p| p.1).collect(),
+    )
 }
 
-fn ce_bwd<T: Real>(x: &[T], v: usize, targets: &[Option<u32>], scale: T) -> Vec<T> {
+fn ce_bwd<T: Real>(x: &[T], v: usize, targets: &[Option<u32>], lse: &[f64], scale: T) -> Vec<T> {
     let mut dx = vec![T::from_f64(0.0); x.len()];
     dx.par_chunks_mut(v)
         .zip(x.par_chunks(v))
-        .zip(targets.par_iter())
+        .zip(targets.par_iter().enumerate())
         .with_min_len(min_rows(v))
-        .for_each(|((dx, x), t)| {
+        .for_each(|((dx, x), (row, t))| {
             if let Some(t) = t {
-                let lse = log_sum_exp(x);
+                let lse = match lse.get(row) {
+                    Some(&l) => T::from_f64(l),
+                    None => log_sum_exp(x),
+                };
                 for (dx, &x) in dx.iter_mut().zip(x) {
                     *dx = (x - lse).exp() * scale;
                 }
@@ -838,15 +852,21 @@ impl CustomOp1 for CrossEntropyOp {
         let v = last_dim(l)?;
         dispatch!(s, self.name(), T => {
             let x = slice::<T>(s, l, self.name())?;
-            let loss = ce_fwd(x, v, &self.targets, self.count);
+            let (loss, lse) = ce_fwd(x, v, &self.targets, self.count);
+            if let Ok(mut saved) = self.lse.lock() {
+                *saved = std::sync::Arc::new(lse);
+            }
             Ok((T::to_cpu_storage_owned(vec![loss]), Shape::from(())))
         })
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let g = grad.to_dtype(DType::F64)?.to_scalar::<f64>()? / self.count as f64;
+        // An empty table (never expected) makes the backward recompute each row's lse.
+        let lse = self.lse.lock().map(|l| l.clone()).unwrap_or_default();
         let dx = x.apply_op1_no_bwd(&CrossEntropyBwd {
             targets: self.targets.clone(),
+            lse,
             scale: g,
         })?;
         Ok(Some(dx))
@@ -855,6 +875,7 @@ impl CustomOp1 for CrossEntropyOp {
 
 struct CrossEntropyBwd {
     targets: std::sync::Arc<Vec<Option<u32>>>,
+    lse: std::sync::Arc<Vec<f64>>,
     scale: f64,
 }
 
@@ -867,7 +888,7 @@ impl CustomOp1 for CrossEntropyBwd {
         let v = last_dim(l)?;
         dispatch!(s, self.name(), T => {
             let x = slice::<T>(s, l, self.name())?;
-            let dx = ce_bwd(x, v, &self.targets, T::from_f64(self.scale));
+            let dx = ce_bwd(x, v, &self.targets, &self.lse, T::from_f64(self.scale));
             Ok((T::to_cpu_storage_owned(dx), l.shape().clone()))
         })
     }
@@ -899,6 +920,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &[Option<u32>]) -> Result<Tensor>
     let loss = xw.contiguous()?.apply_op1(CrossEntropyOp {
         targets: std::sync::Arc::new(targets.to_vec()),
         count,
+        lse: std::sync::Mutex::default(),
     })?;
     narrow_back(loss, back)
 }

@@ -1,0 +1,169 @@
+//! Timing of the fused ops against their composite candle formulations, and of one training
+//! step of a ~6.4M-parameter Llama. Run with `cargo bench -p eg-model --bench train_step`.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::time::Instant;
+
+use candle_core::{D, DType, Device, Tensor, Var};
+use candle_nn::Optimizer;
+use eg_model::ops::{self, RopeLayout};
+use eg_model::{Llama, LlamaConfig};
+
+fn best_of<F: FnMut()>(n: usize, mut f: F) -> f64 {
+    f();
+    let mut best = f64::INFINITY;
+    for _ in 0..n {
+        let t = Instant::now();
+        f();
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    best
+}
+
+fn randn(shape: &[usize]) -> Tensor {
+    Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap()
+}
+
+fn fwd_bwd(f: &dyn Fn(&Tensor) -> Tensor, x: &Var) -> f64 {
+    best_of(5, || {
+        let y = f(x.as_tensor());
+        let g = y.sum_all().unwrap().backward().unwrap();
+        assert!(g.get(x.as_tensor()).is_some());
+    })
+}
+
+fn main() {
+    println!("threads: {}", candle_core::utils::get_num_threads());
+    // RMSNorm on [8*256, 256].
+    let x = Var::from_tensor(&randn(&[2048, 256])).unwrap();
+    let w = randn(&[256]);
+    let fused = fwd_bwd(&|x| ops::rms_norm(x, &w, 1e-5).unwrap(), &x);
+    let comp = fwd_bwd(
+        &|x| {
+            let r = (x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + 1e-5)
+                .unwrap()
+                .sqrt()
+                .unwrap()
+                .recip()
+                .unwrap();
+            x.broadcast_mul(&r).unwrap().broadcast_mul(&w).unwrap()
+        },
+        &x,
+    );
+    println!(
+        "rms_norm [2048,256] fwd+bwd: fused {:.2} ms, composite {:.2} ms",
+        fused * 1e3,
+        comp * 1e3
+    );
+
+    // Causal softmax on scores [8, 8, 256, 256].
+    let s = Var::from_tensor(&randn(&[8, 8, 256, 256])).unwrap();
+    let mask: Vec<f32> = (0..256 * 256)
+        .map(|k| {
+            if k % 256 <= k / 256 {
+                0.0
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (256, 256), &Device::Cpu).unwrap();
+    let fused = fwd_bwd(&|x| ops::causal_softmax(x, 0.125, 256, None).unwrap(), &s);
+    let comp = fwd_bwd(
+        &|x| {
+            let y = (x * 0.125).unwrap().broadcast_add(&mask).unwrap();
+            candle_nn::ops::softmax(&y, D::Minus1).unwrap()
+        },
+        &s,
+    );
+    println!(
+        "causal softmax [8,8,256,256] fwd+bwd: fused {:.2} ms, composite {:.2} ms",
+        fused * 1e3,
+        comp * 1e3
+    );
+
+    // RoPE on [8, 8, 256, 32].
+    let q = Var::from_tensor(&randn(&[8, 8, 256, 32])).unwrap();
+    let cos = randn(&[256, 16]);
+    let sin = randn(&[256, 16]);
+    let fused = fwd_bwd(
+        &|x| ops::rope(x, &cos, &sin, RopeLayout::HalfSplit).unwrap(),
+        &q,
+    );
+    let comp = fwd_bwd(
+        &|x| candle_nn::rotary_emb::rope_slow(x, &cos, &sin).unwrap(),
+        &q,
+    );
+    println!(
+        "rope [8,8,256,32] fwd+bwd: fused {:.2} ms, composite {:.2} ms",
+        fused * 1e3,
+        comp * 1e3
+    );
+
+    // Cross entropy on [2048, 6144].
+    let l = Var::from_tensor(&randn(&[2048, 6144])).unwrap();
+    let targets: Vec<Option<u32>> = (0..2048).map(|i| Some((i * 7 % 6144) as u32)).collect();
+    let labels = Tensor::from_vec(
+        targets.iter().map(|t| t.unwrap_or(0)).collect::<Vec<u32>>(),
+        2048,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let fused = fwd_bwd(&|x| ops::cross_entropy(x, &targets).unwrap(), &l);
+    let comp = fwd_bwd(&|x| candle_nn::loss::cross_entropy(x, &labels).unwrap(), &l);
+    println!(
+        "cross entropy [2048,6144] fwd+bwd: fused {:.2} ms, composite {:.2} ms",
+        fused * 1e3,
+        comp * 1e3
+    );
+
+    // One training step: h256, 4 layers, 8 heads, vocab 6144, seq 256, batch 8.
+    let cfg = LlamaConfig {
+        hidden_size: 256,
+        intermediate_size: 704,
+        num_hidden_layers: 4,
+        num_attention_heads: 8,
+        num_key_value_heads: Some(8),
+        vocab_size: 6144,
+        max_position_embeddings: 256,
+        ..LlamaConfig::tiny_for_tests()
+    };
+    let model = Llama::init(&cfg, 0, DType::F32, &Device::Cpu).unwrap();
+    println!("model: {} parameters", model.params().num_elements());
+    let ids: Vec<u32> = (0..8 * 256u32)
+        .map(|i| i.wrapping_mul(2_654_435_761) % 6144)
+        .collect();
+    let ids = Tensor::from_vec(ids, (8, 256), &Device::Cpu).unwrap();
+    let mut opt = candle_nn::AdamW::new_lr(model.params().vars(), 1e-3).unwrap();
+    let (mut tf, mut tb, mut to) = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
+    for step in 0..4 {
+        let t0 = Instant::now();
+        let logits = model.forward(&ids).unwrap();
+        let loss = model.next_token_loss(&logits, &ids, None).unwrap();
+        let t1 = Instant::now();
+        let grads = loss.backward().unwrap();
+        let t2 = Instant::now();
+        opt.step(&grads).unwrap();
+        let t3 = Instant::now();
+        if step > 0 {
+            tf = tf.min((t1 - t0).as_secs_f64());
+            tb = tb.min((t2 - t1).as_secs_f64());
+            to = to.min((t3 - t2).as_secs_f64());
+        }
+        println!("step {step}: loss {:.4}", loss.to_scalar::<f32>().unwrap());
+    }
+    let total = tf + tb + to;
+    println!(
+        "train step (best of 3): forward {:.0} ms, backward {:.0} ms, AdamW {:.0} ms; {:.0} tokens/s",
+        tf * 1e3,
+        tb * 1e3,
+        to * 1e3,
+        2048.0 / total
+    );
+    let a = model.analyze(256);
+    println!(
+        "achieved {:.1} GFLOP/s (training FLOPs {} per token)",
+        a.training_flops_per_token as f64 * 2048.0 / total / 1e9,
+        a.training_flops_per_token
+    );
+}
