@@ -1,24 +1,75 @@
 //! # eg-kernel
 //!
-//! The training loop and its guards (gradient coverage, sanitizer, clipping, loss-spike rollback), optimizers with savable state, schedules, atomic checkpoints and exact resume.
+//! The training loop and its guards, optimizers with savable state, learning-rate schedules,
+//! atomic checkpoints and exact resume.
 //!
-//! **Status:** this crate is a placeholder. Its design is written down in
-//! `ARCHITECTURE.md`; the work that fills it is tracked in issue #6. Nothing here pretends
-//! to work: every entry point that exists returns [`Error::Unsupported`].
+//! ## Brief overview
+//!
+//! - [`optim`]: AdamW (no weight decay on norms and biases), SGD with momentum and Lion,
+//!   updating each parameter **in place** in its own f32 storage (one fused pass per tensor),
+//!   with state behind a [`optim::StateStore`] so the memory layer can offload it, and
+//!   exported/imported as named buffers for checkpoints.
+//! - [`schedule`]: constant, linear, cosine, warmup-stable-decay and inverse-sqrt, all with
+//!   linear warmup.
+//! - [`Trainer`]: a global batch from the eg-data [`eg_data::Loader`] is split into
+//!   micro-batches; each micro-batch's mean loss is scaled by its share of the *global*
+//!   batch's predicted tokens, so gradient accumulation equals one big batch. Guards:
+//!   gradient coverage at the first step ([`Error::NoGradient`] names every parameter without
+//!   gradient), non-finite loss or gradients skip the update (and roll back after
+//!   `nan_skip_limit` in a row), clipping by global norm, and loss-spike detection with a
+//!   robust z-score that rolls back to the in-memory snapshot, quarantines the batch's sample
+//!   ids and never trains on it again.
+//! - [`checkpoint`]: one directory per step, written into a temporary directory, synced and
+//!   renamed, with a manifest of sha256 checksums verified on load; the newest *valid*
+//!   checkpoint wins. Everything that decides the trajectory (weights, optimizer, data
+//!   cursor, spike window, quarantine, LR back-off) is saved, so a resumed run is bitwise
+//!   identical to an uninterrupted one at the same thread count (recorded in the checkpoint).
+//!
+//! ## Example
+//!
+//! ```
+//! use std::sync::Arc;
+//! use candle_core::{DType, Device};
+//! use eg_data::{InMemoryDataset, Loader, LoaderOptions, Placement};
+//! use eg_kernel::{Optimizer, OptimizerKind, Trainer, TrainModel, TrainerOptions, Schedule};
+//! use eg_model::{Llama, LlamaConfig};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let cfg = LlamaConfig::tiny_for_tests();
+//! let model = Llama::init(&cfg, 1, DType::F32, &Device::Cpu)?;
+//! let docs = (0..64u32).map(|i| (0..20).map(|j| (i * 7 + j) % 50).collect::<Vec<u32>>());
+//! let data = Arc::new(InMemoryDataset::from_docs(docs));
+//! let opts = LoaderOptions { seq_len: 8, rows_per_step: 4, seed: 1, ..LoaderOptions::default() };
+//! let loader = Loader::new(data, opts, Placement::SINGLE)?;
+//! let shapes: Vec<_> = model.named_params().iter().map(|(n, v)| (n.clone(), v.dims().to_vec())).collect();
+//! let kind = OptimizerKind::AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8 };
+//! let optimizer = Optimizer::new(kind, 0.01, &shapes)?;
+//! let options = TrainerOptions {
+//!     max_steps: 3,
+//!     micro_batch_rows: 2, // 2 micro-batches of 2 rows per update
+//!     schedule: Schedule::constant(1e-3),
+//!     ..TrainerOptions::default()
+//! };
+//! let mut trainer = Trainer::new(model, optimizer, loader, options)?;
+//! let report = trainer.fit()?;
+//! assert_eq!(report.steps, 3);
+//! # Ok(())
+//! # }
+//! ```
 
-/// Errors of this crate.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    /// The requested capability is not built yet.
-    #[error("{what} is not supported yet (tracked in issue #{issue}; see the README's status table)")]
-    Unsupported {
-        /// What was asked for.
-        what: &'static str,
-        /// The issue that tracks the work.
-        issue: u32,
-    },
-}
+pub mod checkpoint;
+mod error;
+pub mod fsio;
+pub mod guards;
+pub mod optim;
+pub mod schedule;
+mod tensors;
+mod trainer;
 
-/// Result alias of this crate.
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+pub use error::{Error, Result};
+pub use optim::{Optimizer, OptimizerKind, OptimizerState, RamStore, StateStore};
+pub use schedule::{Schedule, Shape};
+pub use trainer::{
+    Anomaly, Callback, CheckpointOptions, EvalMetrics, EvalSet, FitReport, QuarantineEntry,
+    StepMetrics, TrainModel, Trainer, TrainerOptions, TrainerState, batch_targets, compute_threads,
+};

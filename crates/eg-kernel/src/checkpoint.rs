@@ -1,0 +1,351 @@
+//! Atomic, verified checkpoints: one directory per step.
+//!
+//! ```text
+//! <root>/step-00000050/
+//!     model.safetensors      weights (f32)
+//!     optimizer.safetensors  optimizer buffers, `t` and the rule in the header metadata
+//!     trainer.json           step, counters, spike window, quarantine, threads, ...
+//!     cursor.json            the data loader's cursor (eg-data)
+//!     config.toml            the resolved configuration (when known)
+//!     manifest.json          sha256 and size of every file above; written last
+//! ```
+//!
+//! A checkpoint is written into `<root>/.tmp-step-…-<pid>/` (each file synced), renamed into
+//! place and the root synced, so a crash leaves either the whole directory or none of it.
+//! [`verify`] rechecks every checksum; [`newest_valid`] walks the steps from newest to oldest,
+//! skipping (with a warning naming it) any directory that is incomplete or corrupt.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::fsio::{sha256_file, sync_dir, sync_file, write_atomic};
+use crate::optim::{OptimizerKind, OptimizerState};
+use crate::{Error, Result};
+
+/// Name of the manifest file.
+pub const MANIFEST: &str = "manifest.json";
+const MODEL: &str = "model.safetensors";
+const OPTIMIZER: &str = "optimizer.safetensors";
+const TRAINER: &str = "trainer.json";
+const CURSOR: &str = "cursor.json";
+const CONFIG: &str = "config.toml";
+const REQUIRED: [&str; 4] = [MODEL, OPTIMIZER, TRAINER, CURSOR];
+
+/// Everything a checkpoint holds, owned (so it can be written on another thread).
+#[derive(Debug, Clone)]
+pub struct CheckpointData {
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Weights by name: shape and values.
+    pub weights: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    /// Optimizer state.
+    pub optimizer: OptimizerState,
+    /// The trainer's state (JSON).
+    pub trainer_json: Vec<u8>,
+    /// The data cursor (JSON).
+    pub cursor_json: Vec<u8>,
+    /// The resolved configuration.
+    pub config_toml: Option<String>,
+    /// Eval loss at this step, when evaluated (used to keep the best checkpoints).
+    pub eval_loss: Option<f64>,
+    /// Compute threads used (a resume with another count may differ in the last bits).
+    pub threads: usize,
+}
+
+/// One file in the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Hex sha256 of the contents.
+    pub sha256: String,
+    /// Size in bytes.
+    pub bytes: u64,
+}
+
+/// The manifest of a checkpoint directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Format version.
+    pub format: u32,
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Compute threads of the run that wrote it.
+    pub threads: usize,
+    /// Eval loss at this step, if evaluated.
+    pub eval_loss: Option<f64>,
+    /// Files and their checksums.
+    pub files: BTreeMap<String, FileEntry>,
+}
+
+/// The directory name of step `step`.
+pub fn step_dir_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+fn tensors_of(map: &BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> Result<BTreeMap<String, Tensor>> {
+    let mut out = BTreeMap::new();
+    for (name, (shape, v)) in map {
+        out.insert(
+            name.clone(),
+            Tensor::from_slice(v.as_slice(), shape.as_slice(), &Device::Cpu)?,
+        );
+    }
+    Ok(out)
+}
+
+/// Writes a checkpoint under `root` atomically and returns its directory.
+pub fn save(root: &Path, data: &CheckpointData) -> Result<PathBuf> {
+    std::fs::create_dir_all(root).map_err(Error::io(root))?;
+    let name = step_dir_name(data.step);
+    let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(Error::io(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(Error::io(&tmp))?;
+    let result = (|| {
+        eg_model::safetensors::write(
+            &tmp.join(MODEL),
+            &tensors_of(&data.weights)?,
+            &BTreeMap::new(),
+        )?;
+        let kind = serde_json::to_string(&data.optimizer.kind).map_err(|source| Error::Json {
+            what: "optimizer kind",
+            source,
+        })?;
+        let meta = BTreeMap::from([
+            ("t".to_string(), data.optimizer.t.to_string()),
+            ("kind".to_string(), kind),
+        ]);
+        eg_model::safetensors::write(
+            &tmp.join(OPTIMIZER),
+            &tensors_of(&data.optimizer.buffers)?,
+            &meta,
+        )?;
+        write_atomic(&tmp.join(TRAINER), &data.trainer_json)?;
+        write_atomic(&tmp.join(CURSOR), &data.cursor_json)?;
+        let mut names = REQUIRED.to_vec();
+        if let Some(c) = &data.config_toml {
+            write_atomic(&tmp.join(CONFIG), c.as_bytes())?;
+            names.push(CONFIG);
+        }
+        let mut files = BTreeMap::new();
+        for n in names {
+            let p = tmp.join(n);
+            sync_file(&p)?;
+            let (sha256, bytes) = sha256_file(&p)?;
+            files.insert(n.to_string(), FileEntry { sha256, bytes });
+        }
+        let manifest = Manifest {
+            format: 1,
+            step: data.step,
+            threads: data.threads,
+            eval_loss: data.eval_loss,
+            files,
+        };
+        let json = serde_json::to_vec_pretty(&manifest).map_err(|source| Error::Json {
+            what: "manifest",
+            source,
+        })?;
+        write_atomic(&tmp.join(MANIFEST), &json)?;
+        sync_dir(&tmp)?;
+        let dst = root.join(&name);
+        if dst.exists() {
+            std::fs::remove_dir_all(&dst).map_err(Error::io(&dst))?;
+        }
+        std::fs::rename(&tmp, &dst).map_err(Error::io(&dst))?;
+        sync_dir(root)?;
+        Ok(dst)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+/// Checks a checkpoint directory: the manifest parses, names every required file, and every
+/// file listed has its recorded size and sha256.
+pub fn verify(dir: &Path) -> Result<Manifest> {
+    let corrupt = |file: &str, reason: String| Error::CheckpointCorrupt {
+        dir: dir.to_path_buf(),
+        file: file.to_string(),
+        reason,
+    };
+    let bytes = std::fs::read(dir.join(MANIFEST)).map_err(|e| corrupt(MANIFEST, e.to_string()))?;
+    let m: Manifest =
+        serde_json::from_slice(&bytes).map_err(|e| corrupt(MANIFEST, e.to_string()))?;
+    for r in REQUIRED {
+        if !m.files.contains_key(r) {
+            return Err(corrupt(r, "not listed in the manifest".into()));
+        }
+    }
+    for (name, entry) in &m.files {
+        let p = dir.join(name);
+        let (sha, len) = sha256_file(&p).map_err(|e| corrupt(name, e.to_string()))?;
+        if len != entry.bytes {
+            return Err(corrupt(
+                name,
+                format!("{len} bytes, manifest says {}", entry.bytes),
+            ));
+        }
+        if sha != entry.sha256 {
+            return Err(corrupt(name, "sha256 does not match the manifest".into()));
+        }
+    }
+    Ok(m)
+}
+
+fn read_f32_map(
+    path: &Path,
+) -> Result<(
+    BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    BTreeMap<String, String>,
+)> {
+    let f = eg_model::safetensors::SafetensorsFile::open(path)?;
+    let mut out = BTreeMap::new();
+    for name in f.tensors().keys() {
+        let t = f.load(name, DType::F32, &Device::Cpu)?;
+        let shape = t.dims().to_vec();
+        let v = t.flatten_all()?.to_vec1::<f32>()?;
+        out.insert(name.clone(), (shape, v));
+    }
+    Ok((out, read_metadata(path)?))
+}
+
+/// The `__metadata__` of a safetensors file.
+fn read_metadata(path: &Path) -> Result<BTreeMap<String, String>> {
+    let corrupt = |reason: String| Error::CheckpointCorrupt {
+        dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+        file: path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(Error::io(path))?;
+    let n = bytes
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_le_bytes)
+        .ok_or_else(|| corrupt("too short".into()))? as usize;
+    let head = bytes
+        .get(8..8usize.saturating_add(n))
+        .ok_or_else(|| corrupt("header past end".into()))?;
+    let v: serde_json::Value = serde_json::from_slice(head).map_err(|e| corrupt(e.to_string()))?;
+    let mut out = BTreeMap::new();
+    if let Some(m) = v.get("__metadata__").and_then(|m| m.as_object()) {
+        for (k, v) in m {
+            if let Some(s) = v.as_str() {
+                out.insert(k.clone(), s.to_string());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Verifies and loads a checkpoint directory.
+pub fn load(dir: &Path) -> Result<CheckpointData> {
+    let m = verify(dir)?;
+    let corrupt = |file: &str, reason: String| Error::CheckpointCorrupt {
+        dir: dir.to_path_buf(),
+        file: file.to_string(),
+        reason,
+    };
+    let (weights, _) = read_f32_map(&dir.join(MODEL))?;
+    let (buffers, meta) = read_f32_map(&dir.join(OPTIMIZER))?;
+    let t = meta
+        .get("t")
+        .and_then(|t| t.parse().ok())
+        .ok_or_else(|| corrupt(OPTIMIZER, "no `t` in the metadata".into()))?;
+    let kind: OptimizerKind = meta
+        .get("kind")
+        .and_then(|k| serde_json::from_str(k).ok())
+        .ok_or_else(|| corrupt(OPTIMIZER, "no `kind` in the metadata".into()))?;
+    let read = |n: &str| std::fs::read(dir.join(n)).map_err(|e| corrupt(n, e.to_string()));
+    let config_toml = if m.files.contains_key(CONFIG) {
+        Some(String::from_utf8(read(CONFIG)?).map_err(|e| corrupt(CONFIG, e.to_string()))?)
+    } else {
+        None
+    };
+    Ok(CheckpointData {
+        step: m.step,
+        weights,
+        optimizer: OptimizerState { t, kind, buffers },
+        trainer_json: read(TRAINER)?,
+        cursor_json: read(CURSOR)?,
+        config_toml,
+        eval_loss: m.eval_loss,
+        threads: m.threads,
+    })
+}
+
+/// Checkpoint directories under `root` (`step-N`), newest first.
+pub fn list(root: &Path) -> Vec<(u64, PathBuf)> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(root) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(n) = name
+                .strip_prefix("step-")
+                .and_then(|s| s.parse::<u64>().ok())
+            {
+                out.push((n, e.path()));
+            }
+        }
+    }
+    out.sort_by(|a, b| b.0.cmp(&a.0));
+    out
+}
+
+/// The newest checkpoint that verifies and loads; each one skipped is logged with the
+/// reason and returned in the second element.
+pub fn newest_valid(root: &Path) -> (Option<(PathBuf, CheckpointData)>, Vec<Error>) {
+    let mut skipped = Vec::new();
+    for (_, dir) in list(root) {
+        match load(&dir) {
+            Ok(d) => return (Some((dir, d)), skipped),
+            Err(e) => {
+                tracing::warn!(checkpoint = %dir.display(), error = %e, "skipping invalid checkpoint");
+                skipped.push(e);
+            }
+        }
+    }
+    (None, skipped)
+}
+
+/// Removes leftovers of interrupted writes (`.tmp-*` directories) under `root`.
+pub fn clean_temporaries(root: &Path) {
+    if let Ok(rd) = std::fs::read_dir(root) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with(".tmp-") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+/// Keeps the newest `keep_last` checkpoints plus the `keep_best` with the lowest eval loss;
+/// removes the rest. Invalid directories older than the newest valid one are removed too.
+pub fn prune(root: &Path, keep_last: usize, keep_best: usize) -> Result<()> {
+    let all = list(root);
+    let mut keep: std::collections::BTreeSet<u64> =
+        all.iter().take(keep_last.max(1)).map(|(s, _)| *s).collect();
+    let mut scored: Vec<(f64, u64)> = Vec::new();
+    for (s, dir) in &all {
+        if let Ok(bytes) = std::fs::read(dir.join(MANIFEST))
+            && let Ok(m) = serde_json::from_slice::<Manifest>(&bytes)
+            && let Some(l) = m.eval_loss
+        {
+            scored.push((l, *s));
+        }
+    }
+    scored.sort_by(|a, b| a.0.total_cmp(&b.0));
+    keep.extend(scored.iter().take(keep_best).map(|(_, s)| *s));
+    for (s, dir) in &all {
+        if !keep.contains(s) {
+            std::fs::remove_dir_all(dir).map_err(Error::io(dir))?;
+        }
+    }
+    sync_dir(root)
+}

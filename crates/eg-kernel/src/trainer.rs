@@ -1,0 +1,958 @@
+//! The guarded training loop.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, Var};
+use eg_data::{Batch, Cursor, Loader, LoaderOptions, Placement, TokenDataset};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{self, CheckpointData};
+use crate::guards::{SpikeDetector, clip_factor, sum_squares};
+use crate::optim::{Optimizer, OptimizerState};
+use crate::schedule::Schedule;
+use crate::tensors::{set_var, to_vec_f32, with_f32};
+use crate::{Error, Result};
+
+/// What the trainer needs from a model: its trainable parameters and a forward pass.
+pub trait TrainModel {
+    /// Trainable parameters, named, in a fixed order.
+    fn named_params(&self) -> Vec<(String, Var)>;
+    /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]` (u32).
+    fn logits(&self, ids: &Tensor) -> Result<Tensor>;
+}
+
+impl TrainModel for eg_model::Llama {
+    fn named_params(&self) -> Vec<(String, Var)> {
+        self.params()
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.clone()))
+            .collect()
+    }
+
+    fn logits(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.forward(ids)?)
+    }
+}
+
+/// Hooks called by the loop. Every method has an empty default.
+pub trait Callback: Send {
+    /// Before update `step` (0-based) starts.
+    fn on_step_start(&mut self, _step: u64) {}
+    /// After an update was applied.
+    fn on_step_end(&mut self, _m: &StepMetrics) {}
+    /// After an evaluation.
+    fn on_eval(&mut self, _e: &EvalMetrics) {}
+    /// After a checkpoint was written (or handed to the background writer).
+    fn on_checkpoint(&mut self, _step: u64, _dir: &Path) {}
+    /// After a guard fired.
+    fn on_anomaly(&mut self, _a: &Anomaly) {}
+}
+
+/// Metrics of one applied update.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// Updates done after this one (1-based).
+    pub step: u64,
+    /// Mean next-token loss over the global batch.
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Non-padding tokens of the global batch.
+    pub tokens: u64,
+    /// Tokens trained on so far.
+    pub tokens_seen: u64,
+    /// Wall time of the step in seconds.
+    pub step_secs: f64,
+}
+
+/// Metrics of an evaluation on the held-out split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    /// Updates done.
+    pub step: u64,
+    /// Mean loss per predicted token.
+    pub loss: f64,
+    /// `exp(loss)`.
+    pub perplexity: f64,
+    /// Predicted tokens evaluated.
+    pub tokens: u64,
+}
+
+/// What a guard saw.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+#[non_exhaustive]
+pub enum Anomaly {
+    /// The loss or a gradient was NaN or infinite: the update was skipped.
+    NonFinite {
+        /// Update index that was skipped.
+        step: u64,
+        /// Data step of the batch.
+        data_step: u64,
+        /// Consecutive non-finite steps.
+        consecutive: u32,
+    },
+    /// A loss spike: rolled back, batch quarantined.
+    Spike {
+        /// Update index.
+        step: u64,
+        /// Data step of the batch.
+        data_step: u64,
+        /// The loss.
+        loss: f64,
+        /// Its robust z-score.
+        zscore: f64,
+    },
+    /// Parameters, optimizer and data position were restored from the in-memory snapshot.
+    Rollback {
+        /// Update index before.
+        from_step: u64,
+        /// Update index restored.
+        to_step: u64,
+    },
+}
+
+/// A batch taken out of training, kept in checkpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineEntry {
+    /// Data step of the batch.
+    pub data_step: u64,
+    /// Update index when it was quarantined.
+    pub step: u64,
+    /// Why (`spike` or `non_finite`).
+    pub reason: String,
+    /// Sample ids of the batch.
+    pub sample_ids: Vec<u64>,
+}
+
+/// Everything of the loop that is not weights, optimizer or data cursor; saved in
+/// `trainer.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Updates applied.
+    pub step: u64,
+    /// Tokens trained on.
+    pub tokens_seen: u64,
+    /// Multiplier on the schedule (LR back-off after rollbacks).
+    pub lr_scale: f64,
+    /// Updates skipped for non-finite values.
+    pub nonfinite_skips: u64,
+    /// Current run of consecutive non-finite steps.
+    pub consecutive_nonfinite: u32,
+    /// Rollbacks done.
+    pub rollbacks: u64,
+    /// Spikes detected.
+    pub spikes: u64,
+    /// Quarantined batches.
+    pub quarantine: Vec<QuarantineEntry>,
+    /// Data steps never trained on again.
+    pub skip_data_steps: BTreeSet<u64>,
+    /// The spike detector's window.
+    pub detector: Option<SpikeDetector>,
+    /// Best eval loss so far.
+    pub best_eval: Option<f64>,
+    /// Evaluations since the best one.
+    pub evals_since_best: u32,
+    /// Last eval loss.
+    pub last_eval: Option<f64>,
+    /// Compute threads (candle) of the process that wrote this.
+    pub threads: usize,
+}
+
+/// Checkpoint settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointOptions {
+    /// Directory holding `step-N` directories.
+    pub dir: PathBuf,
+    /// Save every this many updates (and at the end and on stop).
+    pub every: u64,
+    /// Newest kept.
+    pub keep_last: usize,
+    /// Best (by eval loss) kept on top.
+    pub keep_best: usize,
+    /// Write on a background thread from a snapshot.
+    pub background: bool,
+}
+
+/// Loop settings. Plain data; the CLI and the facade map the configuration onto it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainerOptions {
+    /// Updates to run in total.
+    pub max_steps: u64,
+    /// Rows per micro-batch; the loader's `rows_per_step` rows of a global batch are split
+    /// into micro-batches whose gradients are accumulated.
+    pub micro_batch_rows: usize,
+    /// Learning-rate schedule.
+    pub schedule: Schedule,
+    /// Global-norm clipping threshold.
+    pub clip_norm: Option<f64>,
+    /// Fail at the first step when a trainable parameter gets no gradient.
+    pub coverage_check: bool,
+    /// Consecutive non-finite steps tolerated before rolling back.
+    pub nan_skip_limit: u32,
+    /// Spike detection: (window, robust z threshold).
+    pub spike: Option<(usize, f64)>,
+    /// LR multiplier applied after each spike rollback, in (0, 1].
+    pub lr_backoff: f64,
+    /// Checkpoints; `None` keeps nothing on disk.
+    pub checkpoints: Option<CheckpointOptions>,
+    /// In-memory snapshot interval for rollback (snapshots are also taken at checkpoints).
+    pub snapshot_every: u64,
+    /// Evaluate every this many updates (0: only at the end).
+    pub eval_every: u64,
+    /// Global batches per evaluation.
+    pub eval_max_batches: usize,
+    /// Stop after this many evaluations without improvement.
+    pub early_stopping_patience: Option<u32>,
+    /// Run directory for `metrics.jsonl`; `None` writes no metrics file.
+    pub run_dir: Option<PathBuf>,
+    /// Resolved configuration stored in checkpoints.
+    pub config_toml: Option<String>,
+}
+
+impl Default for TrainerOptions {
+    fn default() -> Self {
+        Self {
+            max_steps: 100,
+            micro_batch_rows: 1,
+            schedule: Schedule::constant(1e-3),
+            clip_norm: Some(1.0),
+            coverage_check: true,
+            nan_skip_limit: 3,
+            spike: Some((50, 6.0)),
+            lr_backoff: 1.0,
+            checkpoints: None,
+            snapshot_every: 50,
+            eval_every: 0,
+            eval_max_batches: 8,
+            early_stopping_patience: None,
+            run_dir: None,
+            config_toml: None,
+        }
+    }
+}
+
+/// A held-out split evaluated with a fresh, unshuffled loader.
+pub struct EvalSet {
+    /// The data.
+    pub data: Arc<dyn TokenDataset>,
+    /// Loader options (usually the training ones with `shuffle = false`, one epoch).
+    pub opts: LoaderOptions,
+}
+
+impl std::fmt::Debug for EvalSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EvalSet")
+            .field("samples", &self.data.len())
+            .field("opts", &self.opts)
+            .finish()
+    }
+}
+
+/// How [`Trainer::fit`] ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FitReport {
+    /// Updates applied in total.
+    pub steps: u64,
+    /// Loss of the last update.
+    pub last_loss: Option<f64>,
+    /// The last evaluation.
+    pub eval: Option<EvalMetrics>,
+    /// The last checkpoint written.
+    pub checkpoint: Option<PathBuf>,
+    /// Stopped by the stop flag (signal) before `max_steps`.
+    pub stopped: bool,
+    /// Stopped early by the eval patience.
+    pub early_stopped: bool,
+    /// The data ran out before `max_steps`.
+    pub data_exhausted: bool,
+    /// The loop's state at the end.
+    pub state: TrainerState,
+}
+
+struct Snapshot {
+    step: u64,
+    tokens_seen: u64,
+    params: Vec<Vec<f32>>,
+    optimizer: OptimizerState,
+    cursor: Cursor,
+    detector: Option<SpikeDetector>,
+}
+
+/// The training loop: micro-batches with accumulation normalised over the global batch, the
+/// guards, evaluation, checkpoints and exact resume.
+pub struct Trainer<M: TrainModel> {
+    model: M,
+    names: Vec<String>,
+    vars: Vec<Var>,
+    optimizer: Optimizer,
+    loader: Loader,
+    eval: Option<EvalSet>,
+    opts: TrainerOptions,
+    callbacks: Vec<Box<dyn Callback>>,
+    stop: Arc<AtomicBool>,
+    state: TrainerState,
+    snapshot: Option<Snapshot>,
+    grads: Vec<Vec<f32>>,
+    metrics: Option<std::fs::File>,
+    pending: Option<JoinHandle<Result<PathBuf>>>,
+    last_checkpoint: Option<PathBuf>,
+    coverage_checked: bool,
+}
+
+impl<M: TrainModel> std::fmt::Debug for Trainer<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("opts", &self.opts)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Compute threads candle uses on the CPU.
+pub fn compute_threads() -> usize {
+    candle_core::utils::get_num_threads()
+}
+
+impl<M: TrainModel> Trainer<M> {
+    /// A trainer at step 0. Checks the options; the optimizer must have been built for
+    /// `model.named_params()` in that order.
+    pub fn new(
+        model: M,
+        optimizer: Optimizer,
+        loader: Loader,
+        opts: TrainerOptions,
+    ) -> Result<Self> {
+        let invalid = |option, reason: &str| Error::InvalidOption {
+            option,
+            reason: reason.into(),
+        };
+        if opts.micro_batch_rows == 0 {
+            return Err(invalid("micro_batch_rows", "must be at least 1"));
+        }
+        if !(opts.lr_backoff > 0.0 && opts.lr_backoff <= 1.0) {
+            return Err(invalid("lr_backoff", "must be in (0, 1]"));
+        }
+        if let Some(c) = &opts.checkpoints
+            && c.every == 0
+        {
+            return Err(invalid("checkpoints.every", "must be at least 1"));
+        }
+        if opts.nan_skip_limit == 0 {
+            return Err(invalid("nan_skip_limit", "must be at least 1"));
+        }
+        let (names, vars): (Vec<String>, Vec<Var>) = model.named_params().into_iter().unzip();
+        let grads = vars.iter().map(|v| vec![0.0f32; v.elem_count()]).collect();
+        let detector = opts.spike.map(|(w, z)| SpikeDetector::new(w, z));
+        Ok(Self {
+            model,
+            names,
+            vars,
+            optimizer,
+            loader,
+            eval: None,
+            stop: Arc::new(AtomicBool::new(false)),
+            state: TrainerState {
+                step: 0,
+                tokens_seen: 0,
+                lr_scale: 1.0,
+                nonfinite_skips: 0,
+                consecutive_nonfinite: 0,
+                rollbacks: 0,
+                spikes: 0,
+                quarantine: Vec::new(),
+                skip_data_steps: BTreeSet::new(),
+                detector,
+                best_eval: None,
+                evals_since_best: 0,
+                last_eval: None,
+                threads: compute_threads(),
+            },
+            opts,
+            callbacks: Vec::new(),
+            snapshot: None,
+            grads,
+            metrics: None,
+            pending: None,
+            last_checkpoint: None,
+            coverage_checked: false,
+        })
+    }
+
+    /// Adds a held-out split evaluated every `eval_every` updates and at the end.
+    pub fn with_eval(mut self, eval: EvalSet) -> Self {
+        self.eval = Some(eval);
+        self
+    }
+
+    /// Adds a callback.
+    pub fn add_callback(&mut self, cb: Box<dyn Callback>) {
+        self.callbacks.push(cb);
+    }
+
+    /// The flag that asks the loop to finish the current update, checkpoint and return
+    /// (set it from a signal handler).
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// The model.
+    pub fn model(&self) -> &M {
+        &self.model
+    }
+
+    /// The loop's state.
+    pub fn state(&self) -> &TrainerState {
+        &self.state
+    }
+
+    /// The options.
+    pub fn options(&self) -> &TrainerOptions {
+        &self.opts
+    }
+
+    /// Restores the newest valid checkpoint, if any; returns its step. Invalid checkpoints
+    /// are skipped with a warning; a checkpoint written with another thread count is used
+    /// with a warning (results may then differ in the last bits).
+    pub fn resume(&mut self) -> Result<Option<u64>> {
+        let Some(c) = &self.opts.checkpoints else {
+            return Ok(None);
+        };
+        checkpoint::clean_temporaries(&c.dir);
+        let (found, _skipped) = checkpoint::newest_valid(&c.dir);
+        let Some((dir, data)) = found else {
+            return Ok(None);
+        };
+        self.restore_checkpoint(&data)?;
+        if let Some(run) = &self.opts.run_dir {
+            truncate_metrics(&run.join("metrics.jsonl"), data.step)?;
+        }
+        tracing::info!(checkpoint = %dir.display(), step = data.step, "resumed");
+        self.last_checkpoint = Some(dir);
+        Ok(Some(data.step))
+    }
+
+    fn restore_checkpoint(&mut self, data: &CheckpointData) -> Result<()> {
+        for (name, var) in self.names.iter().zip(&self.vars) {
+            let (shape, v) = data.weights.get(name).ok_or_else(|| Error::StateMismatch {
+                what: format!("weights of {name}"),
+                expected: format!("{:?}", var.dims()),
+                found: "missing".into(),
+            })?;
+            if shape.as_slice() != var.dims() {
+                return Err(Error::StateMismatch {
+                    what: format!("shape of {name}"),
+                    expected: format!("{:?}", var.dims()),
+                    found: format!("{shape:?}"),
+                });
+            }
+            set_var(name, var, v)?;
+        }
+        self.optimizer.import_state(&data.optimizer)?;
+        let state: TrainerState =
+            serde_json::from_slice(&data.trainer_json).map_err(|source| Error::Json {
+                what: "trainer.json",
+                source,
+            })?;
+        let threads = compute_threads();
+        if state.threads != threads {
+            tracing::warn!(
+                saved = state.threads,
+                now = threads,
+                "resuming with another thread count: results may differ in the last bits"
+            );
+        }
+        self.state = TrainerState { threads, ..state };
+        let cursor = Cursor::from_json(&data.cursor_json)?;
+        self.loader.restore(&cursor)?;
+        self.snapshot = Some(self.capture()?);
+        Ok(())
+    }
+
+    fn capture(&self) -> Result<Snapshot> {
+        let mut params = Vec::with_capacity(self.vars.len());
+        for (n, v) in self.names.iter().zip(&self.vars) {
+            params.push(to_vec_f32(n, v.as_tensor())?);
+        }
+        Ok(Snapshot {
+            step: self.state.step,
+            tokens_seen: self.state.tokens_seen,
+            params,
+            optimizer: self.optimizer.export_state()?,
+            cursor: self.loader.cursor(),
+            detector: self.state.detector.clone(),
+        })
+    }
+
+    fn rollback(&mut self) -> Result<()> {
+        let Some(s) = self.snapshot.take() else {
+            return Ok(());
+        };
+        for ((n, v), p) in self.names.iter().zip(&self.vars).zip(&s.params) {
+            set_var(n, v, p)?;
+        }
+        self.optimizer.import_state(&s.optimizer)?;
+        self.loader.restore(&s.cursor)?;
+        let from = self.state.step;
+        self.state.step = s.step;
+        self.state.tokens_seen = s.tokens_seen;
+        self.state.detector = s.detector.clone();
+        self.state.consecutive_nonfinite = 0;
+        self.state.rollbacks += 1;
+        self.snapshot = Some(s);
+        self.anomaly(Anomaly::Rollback {
+            from_step: from,
+            to_step: self.state.step,
+        })?;
+        Ok(())
+    }
+
+    fn anomaly(&mut self, a: Anomaly) -> Result<()> {
+        tracing::warn!(anomaly = ?a, "guard fired");
+        self.log_json(
+            &serde_json::json!({"event": "anomaly", "step": self.state.step, "anomaly": &a}),
+        )?;
+        for cb in &mut self.callbacks {
+            cb.on_anomaly(&a);
+        }
+        Ok(())
+    }
+
+    fn log_json(&mut self, v: &serde_json::Value) -> Result<()> {
+        if self.metrics.is_none()
+            && let Some(run) = &self.opts.run_dir
+        {
+            std::fs::create_dir_all(run).map_err(Error::io(run))?;
+            let p = run.join("metrics.jsonl");
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&p)
+                .map_err(Error::io(&p))?;
+            self.metrics = Some(f);
+        }
+        if let Some(f) = &mut self.metrics {
+            let mut line = serde_json::to_vec(v).map_err(|source| Error::Json {
+                what: "metrics",
+                source,
+            })?;
+            line.push(b'\n');
+            let path = self
+                .opts
+                .run_dir
+                .as_ref()
+                .map(|r| r.join("metrics.jsonl"))
+                .unwrap_or_default();
+            f.write_all(&line).map_err(Error::io(path))?;
+        }
+        Ok(())
+    }
+
+    fn next_batch(&mut self) -> Result<Option<Batch>> {
+        while let Some(b) = self.loader.next_batch()? {
+            if self.state.skip_data_steps.contains(&b.step) {
+                continue;
+            }
+            return Ok(Some(b));
+        }
+        Ok(None)
+    }
+
+    /// Runs updates until `max_steps`, the stop flag, early stopping or the end of the data.
+    pub fn fit(&mut self) -> Result<FitReport> {
+        let step = self.state.step;
+        self.fit_inner()
+            .map_err(|e| e.at_step(step.max(self.state.step)))
+    }
+
+    fn fit_inner(&mut self) -> Result<FitReport> {
+        if self.snapshot.is_none() {
+            self.snapshot = Some(self.capture()?);
+        }
+        let mut last_loss = None;
+        let mut last_eval = None;
+        let report = |s: &Self, last_loss, eval, stopped, early, exhausted| FitReport {
+            steps: s.state.step,
+            last_loss,
+            eval,
+            checkpoint: s.last_checkpoint.clone(),
+            stopped,
+            early_stopped: early,
+            data_exhausted: exhausted,
+            state: s.state.clone(),
+        };
+        let mut rollbacks_in_a_row = 0u32;
+        while self.state.step < self.opts.max_steps {
+            let step = self.state.step;
+            for cb in &mut self.callbacks {
+                cb.on_step_start(step);
+            }
+            let t0 = Instant::now();
+            let Some(batch) = self.next_batch()? else {
+                if step == 0 && last_loss.is_none() {
+                    return Err(Error::NoData);
+                }
+                self.finish_checkpoint(last_eval.as_ref())?;
+                let r = report(self, last_loss, last_eval, false, false, true);
+                return Ok(r);
+            };
+            let (loss, norm_sq) = self.forward_backward(&batch)?;
+            if !(loss.is_finite() && norm_sq.is_finite()) {
+                self.state.nonfinite_skips += 1;
+                self.state.consecutive_nonfinite += 1;
+                let consecutive = self.state.consecutive_nonfinite;
+                self.anomaly(Anomaly::NonFinite {
+                    step,
+                    data_step: batch.step,
+                    consecutive,
+                })?;
+                if consecutive >= self.opts.nan_skip_limit {
+                    rollbacks_in_a_row += 1;
+                    if rollbacks_in_a_row > 3 {
+                        return Err(Error::Diverged { consecutive });
+                    }
+                    self.rollback()?;
+                }
+                continue;
+            }
+            if let Some(d) = &self.state.detector
+                && let Some(z) = d.zscore(loss)
+                && z > d.threshold
+            {
+                self.state.spikes += 1;
+                self.state.skip_data_steps.insert(batch.step);
+                self.state.quarantine.push(QuarantineEntry {
+                    data_step: batch.step,
+                    step,
+                    reason: "spike".into(),
+                    sample_ids: batch.sample_ids.clone(),
+                });
+                self.state.lr_scale *= self.opts.lr_backoff;
+                self.anomaly(Anomaly::Spike {
+                    step,
+                    data_step: batch.step,
+                    loss,
+                    zscore: z,
+                })?;
+                self.rollback()?;
+                continue;
+            }
+            rollbacks_in_a_row = 0;
+            self.state.consecutive_nonfinite = 0;
+            let norm = norm_sq.sqrt();
+            let scale = clip_factor(norm, self.opts.clip_norm);
+            let lr = self.opts.schedule.lr(step) * self.state.lr_scale;
+            self.optimizer.step(&self.vars, &self.grads, lr, scale)?;
+            self.state.step += 1;
+            self.state.tokens_seen += batch.tokens as u64;
+            if let Some(d) = &mut self.state.detector {
+                d.push(loss);
+            }
+            last_loss = Some(loss);
+            let m = StepMetrics {
+                step: self.state.step,
+                loss,
+                lr,
+                grad_norm: norm,
+                tokens: batch.tokens as u64,
+                tokens_seen: self.state.tokens_seen,
+                step_secs: t0.elapsed().as_secs_f64(),
+            };
+            let mut line = serde_json::to_value(&m).map_err(|source| Error::Json {
+                what: "metrics",
+                source,
+            })?;
+            if let Some(o) = line.as_object_mut() {
+                o.insert("event".into(), "step".into());
+            }
+            self.log_json(&line)?;
+            for cb in &mut self.callbacks {
+                cb.on_step_end(&m);
+            }
+            let s = self.state.step;
+            let at_end = s >= self.opts.max_steps;
+            let mut early = false;
+            if self.eval.is_some()
+                && ((self.opts.eval_every > 0 && s % self.opts.eval_every == 0) || at_end)
+            {
+                let e = self.evaluate()?;
+                early = self
+                    .opts
+                    .early_stopping_patience
+                    .is_some_and(|p| self.state.evals_since_best >= p);
+                last_eval = Some(e);
+            }
+            let stop = self.stop.load(Ordering::SeqCst);
+            let ckpt_due = self
+                .opts
+                .checkpoints
+                .as_ref()
+                .is_some_and(|c| s % c.every == 0 || at_end || stop || early);
+            if ckpt_due {
+                self.save_checkpoint(last_eval.as_ref().filter(|e| e.step == s).map(|e| e.loss))?;
+            } else if self.opts.snapshot_every > 0 && s % self.opts.snapshot_every == 0 {
+                self.snapshot = Some(self.capture()?);
+            }
+            if stop || early {
+                self.join_pending()?;
+                return Ok(report(self, last_loss, last_eval, stop, early, false));
+            }
+        }
+        self.join_pending()?;
+        Ok(report(self, last_loss, last_eval, false, false, false))
+    }
+
+    fn finish_checkpoint(&mut self, eval: Option<&EvalMetrics>) -> Result<()> {
+        let s = self.state.step;
+        let already = self
+            .last_checkpoint
+            .as_ref()
+            .is_some_and(|p| p.ends_with(checkpoint::step_dir_name(s)));
+        if self.opts.checkpoints.is_some() && !already && s > 0 {
+            self.save_checkpoint(eval.filter(|e| e.step == s).map(|e| e.loss))?;
+        }
+        self.join_pending()
+    }
+
+    /// Splits the global batch into micro-batches, runs forward and backward on each with
+    /// the loss scaled by its share of the global batch's predicted tokens, and accumulates
+    /// the gradients. Returns the global mean loss and the gradients' squared norm.
+    fn forward_backward(&mut self, batch: &Batch) -> Result<(f64, f64)> {
+        let seq = batch.seq_len;
+        let rows = batch.rows;
+        let mb = self.opts.micro_batch_rows;
+        let targets = batch_targets(batch);
+        let total: usize = targets.iter().filter(|t| t.is_some()).count();
+        for g in &mut self.grads {
+            g.fill(0.0);
+        }
+        if total == 0 {
+            return Ok((0.0, 0.0));
+        }
+        let mut loss = 0.0f64;
+        let mut r0 = 0;
+        while r0 < rows {
+            let r1 = (r0 + mb).min(rows);
+            let t = &targets[r0 * seq..r1 * seq];
+            let count = t.iter().filter(|t| t.is_some()).count();
+            if count > 0 {
+                let ids = Tensor::from_slice(
+                    &batch.input_ids[r0 * seq..r1 * seq],
+                    (r1 - r0, seq),
+                    &Device::Cpu,
+                )?;
+                let logits = self.model.logits(&ids)?;
+                let ce = eg_model::ops::cross_entropy(&logits, t)?;
+                let scaled = (ce * (count as f64 / total as f64))?;
+                loss += f64::from(
+                    scaled
+                        .to_dtype(candle_core::DType::F32)?
+                        .to_scalar::<f32>()?,
+                );
+                let store = scaled.backward()?;
+                let check = self.opts.coverage_check && !self.coverage_checked;
+                let mut missing = Vec::new();
+                for (i, (name, var)) in self.names.iter().zip(&self.vars).enumerate() {
+                    match store.get(var.as_tensor()) {
+                        Some(g) => {
+                            let acc = &mut self.grads[i];
+                            with_f32(name, g, |g| {
+                                for (a, b) in acc.iter_mut().zip(g) {
+                                    *a += *b;
+                                }
+                            })?;
+                        }
+                        None if check => missing.push(name.clone()),
+                        None => {}
+                    }
+                }
+                if check {
+                    if !missing.is_empty() {
+                        return Err(Error::NoGradient { params: missing });
+                    }
+                    self.coverage_checked = true;
+                }
+            }
+            r0 = r1;
+        }
+        let norm_sq = self.grads.iter().map(|g| sum_squares(g)).sum();
+        Ok((loss, norm_sq))
+    }
+
+    /// Evaluates the held-out split (up to `eval_max_batches` global batches).
+    pub fn evaluate(&mut self) -> Result<EvalMetrics> {
+        let Some(ev) = &self.eval else {
+            return Err(Error::InvalidOption {
+                option: "eval",
+                reason: "no held-out split was given".into(),
+            });
+        };
+        let mut loader = Loader::new(ev.data.clone(), ev.opts.clone(), Placement::SINGLE)?;
+        let mut sum = 0.0f64;
+        let mut n = 0u64;
+        let mb = self.opts.micro_batch_rows;
+        for _ in 0..self.opts.eval_max_batches.max(1) {
+            let Some(b) = loader.next_batch()? else { break };
+            let targets = batch_targets(&b);
+            let seq = b.seq_len;
+            let mut r0 = 0;
+            while r0 < b.rows {
+                let r1 = (r0 + mb).min(b.rows);
+                let t = &targets[r0 * seq..r1 * seq];
+                let count = t.iter().filter(|t| t.is_some()).count();
+                if count > 0 {
+                    let ids = Tensor::from_slice(
+                        &b.input_ids[r0 * seq..r1 * seq],
+                        (r1 - r0, seq),
+                        &Device::Cpu,
+                    )?;
+                    let logits = self.model.logits(&ids)?.detach();
+                    let ce = eg_model::ops::cross_entropy(&logits, t)?;
+                    sum += f64::from(ce.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?)
+                        * count as f64;
+                    n += count as u64;
+                }
+                r0 = r1;
+            }
+        }
+        let loss = if n > 0 { sum / n as f64 } else { f64::NAN };
+        let e = EvalMetrics {
+            step: self.state.step,
+            loss,
+            perplexity: loss.exp(),
+            tokens: n,
+        };
+        if self.state.best_eval.is_none_or(|b| loss < b) {
+            self.state.best_eval = Some(loss);
+            self.state.evals_since_best = 0;
+        } else {
+            self.state.evals_since_best += 1;
+        }
+        self.state.last_eval = Some(loss);
+        let mut line = serde_json::to_value(&e).map_err(|source| Error::Json {
+            what: "metrics",
+            source,
+        })?;
+        if let Some(o) = line.as_object_mut() {
+            o.insert("event".into(), "eval".into());
+        }
+        self.log_json(&line)?;
+        for cb in &mut self.callbacks {
+            cb.on_eval(&e);
+        }
+        Ok(e)
+    }
+
+    fn join_pending(&mut self) -> Result<()> {
+        if let Some(h) = self.pending.take() {
+            match h.join() {
+                Ok(r) => {
+                    r?;
+                }
+                Err(_) => {
+                    return Err(Error::Unsupported {
+                        what: "recovering from a panicked checkpoint writer",
+                        issue: 6,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a checkpoint of the current state now (waits for a background write in
+    /// flight first). Also refreshes the rollback snapshot.
+    pub fn save_checkpoint(&mut self, eval_loss: Option<f64>) -> Result<Option<PathBuf>> {
+        let Some(c) = self.opts.checkpoints.clone() else {
+            return Ok(None);
+        };
+        self.join_pending()?;
+        let snap = self.capture()?;
+        let mut weights = BTreeMap::new();
+        for ((n, v), p) in self.names.iter().zip(&self.vars).zip(&snap.params) {
+            weights.insert(n.clone(), (v.dims().to_vec(), p.clone()));
+        }
+        let data = CheckpointData {
+            step: self.state.step,
+            weights,
+            optimizer: snap.optimizer.clone(),
+            trainer_json: serde_json::to_vec_pretty(&self.state).map_err(|source| Error::Json {
+                what: "trainer.json",
+                source,
+            })?,
+            cursor_json: self.loader.cursor().to_json()?,
+            config_toml: self.opts.config_toml.clone(),
+            eval_loss,
+            threads: self.state.threads,
+        };
+        self.snapshot = Some(snap);
+        let dir = c.dir.join(checkpoint::step_dir_name(data.step));
+        let write = move || -> Result<PathBuf> {
+            let d = checkpoint::save(&c.dir, &data)?;
+            checkpoint::prune(&c.dir, c.keep_last, c.keep_best)?;
+            Ok(d)
+        };
+        if self.opts.checkpoints.as_ref().is_some_and(|c| c.background) {
+            self.pending = Some(std::thread::spawn(write));
+        } else {
+            write()?;
+        }
+        for cb in &mut self.callbacks {
+            cb.on_checkpoint(self.state.step, &dir);
+        }
+        self.last_checkpoint = Some(dir.clone());
+        Ok(Some(dir))
+    }
+}
+
+/// Next-token targets of a packed batch: position `i` predicts token `i + 1` of its row when
+/// the loader's loss mask marks that token as a target.
+pub fn batch_targets(b: &Batch) -> Vec<Option<u32>> {
+    let seq = b.seq_len;
+    let mut out = Vec::with_capacity(b.rows * seq);
+    for r in 0..b.rows {
+        for i in 0..seq {
+            let k = r * seq + i + 1;
+            let t = if i + 1 < seq && b.loss_mask.get(k).is_some_and(|&m| m != 0) {
+                b.input_ids.get(k).copied()
+            } else {
+                None
+            };
+            out.push(t);
+        }
+    }
+    out
+}
+
+/// Keeps only the lines of `metrics.jsonl` up to `step` (a resumed run rewrites what came
+/// after its checkpoint). Written atomically.
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let mut out = String::new();
+    for line in text.lines() {
+        // Anomalies logged at `step` happened after the checkpoint of `step` was taken.
+        let keep = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .is_some_and(|v| {
+                let anomaly = v.get("event").and_then(|e| e.as_str()) == Some("anomaly");
+                v.get("step")
+                    .and_then(|s| s.as_u64())
+                    .is_some_and(|s| if anomaly { s < step } else { s <= step })
+            });
+        if keep {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    crate::fsio::write_atomic(path, out.as_bytes())
+}

@@ -1,0 +1,11 @@
+//! Integration tests of eg-kernel (one binary, one module per area).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod tests {
+    mod checkpoints;
+    pub(crate) mod common;
+    mod guards;
+    mod loop_;
+    mod optim;
+    mod resume;
+}
