@@ -66,6 +66,7 @@
 
 pub mod augment;
 mod dataset;
+pub mod embedded;
 mod error;
 mod glob;
 mod loader;
