@@ -155,63 +155,77 @@ impl Llama {
     /// `model-0000i-of-0000n.safetensors` shards plus `model.safetensors.index.json`.
     /// Every file is written atomically.
     pub fn save_hf_dir(&self, dir: &Path, max_shard_bytes: Option<u64>) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let tensors = self.params().tensors();
-        let total: u64 = tensors
-            .values()
-            .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
-            .sum();
-        let mut meta = BTreeMap::new();
-        meta.insert("format".to_string(), "pt".to_string());
-        match max_shard_bytes {
-            Some(limit) if total > limit => {
-                let mut shards: Vec<BTreeMap<String, Tensor>> = vec![BTreeMap::new()];
-                let mut size = 0u64;
-                for (name, t) in tensors {
-                    let bytes = (t.elem_count() * t.dtype().size_in_bytes()) as u64;
-                    if size > 0 && size + bytes > limit {
-                        shards.push(BTreeMap::new());
-                        size = 0;
-                    }
-                    size += bytes;
-                    if let Some(last) = shards.last_mut() {
-                        last.insert(name, t);
-                    }
-                }
-                let n = shards.len();
-                let mut weight_map = BTreeMap::new();
-                for (i, shard) in shards.iter().enumerate() {
-                    let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, n);
-                    for name in shard.keys() {
-                        weight_map.insert(name.clone(), file.clone());
-                    }
-                    write(&dir.join(&file), shard, &meta)?;
-                }
-                let index = serde_json::json!({
-                    "metadata": {"total_size": total},
-                    "weight_map": weight_map,
-                });
-                let text = serde_json::to_string_pretty(&index).map_err(Error::Json)?;
-                write_atomic(&dir.join(WEIGHTS_INDEX), |w| {
-                    std::io::Write::write_all(w, text.as_bytes())
-                })?;
-                remove_if_exists(&dir.join(WEIGHTS))?;
-            }
-            _ => {
-                write(&dir.join(WEIGHTS), &tensors, &meta)?;
-                remove_if_exists(&dir.join(WEIGHTS_INDEX))?;
-            }
-        }
         let mut cfg = self.config().clone();
         cfg.extra.insert(
             "torch_dtype".to_string(),
             serde_json::Value::String(torch_dtype(self.dtype()).to_string()),
         );
-        let text = cfg.to_json_string()?;
-        write_atomic(&dir.join(CONFIG), |w| {
-            std::io::Write::write_all(w, text.as_bytes())
-        })
+        save_dir(
+            dir,
+            self.params().tensors(),
+            &cfg.to_json_string()?,
+            max_shard_bytes,
+        )
     }
+}
+
+/// Writes weights (single file or shards + index) and `config.json` into `dir`, atomically
+/// file by file.
+pub(crate) fn save_dir(
+    dir: &Path,
+    tensors: BTreeMap<String, Tensor>,
+    config_json: &str,
+    max_shard_bytes: Option<u64>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let total: u64 = tensors
+        .values()
+        .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
+        .sum();
+    let mut meta = BTreeMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    match max_shard_bytes {
+        Some(limit) if total > limit => {
+            let mut shards: Vec<BTreeMap<String, Tensor>> = vec![BTreeMap::new()];
+            let mut size = 0u64;
+            for (name, t) in tensors {
+                let bytes = (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+                if size > 0 && size + bytes > limit {
+                    shards.push(BTreeMap::new());
+                    size = 0;
+                }
+                size += bytes;
+                if let Some(last) = shards.last_mut() {
+                    last.insert(name, t);
+                }
+            }
+            let n = shards.len();
+            let mut weight_map = BTreeMap::new();
+            for (i, shard) in shards.iter().enumerate() {
+                let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, n);
+                for name in shard.keys() {
+                    weight_map.insert(name.clone(), file.clone());
+                }
+                write(&dir.join(&file), shard, &meta)?;
+            }
+            let index = serde_json::json!({
+                "metadata": {"total_size": total},
+                "weight_map": weight_map,
+            });
+            let text = serde_json::to_string_pretty(&index).map_err(Error::Json)?;
+            write_atomic(&dir.join(WEIGHTS_INDEX), |w| {
+                std::io::Write::write_all(w, text.as_bytes())
+            })?;
+            remove_if_exists(&dir.join(WEIGHTS))?;
+        }
+        _ => {
+            write(&dir.join(WEIGHTS), &tensors, &meta)?;
+            remove_if_exists(&dir.join(WEIGHTS_INDEX))?;
+        }
+    }
+    write_atomic(&dir.join(CONFIG), |w| {
+        std::io::Write::write_all(w, config_json.as_bytes())
+    })
 }
 
 fn remove_if_exists(path: &Path) -> Result<()> {
@@ -222,7 +236,7 @@ fn remove_if_exists(path: &Path) -> Result<()> {
     }
 }
 
-fn torch_dtype(d: DType) -> &'static str {
+pub(crate) fn torch_dtype(d: DType) -> &'static str {
     match d {
         DType::BF16 => "bfloat16",
         DType::F16 => "float16",

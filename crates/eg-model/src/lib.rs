@@ -15,8 +15,9 @@
 //!   an optional fused causal mask, RoPE in both layouts, a fused cross entropy), each checked
 //!   against finite differences and the composite candle formulation;
 //! - builds the Llama family (Llama 2/3 incl. llama3 RoPE scaling, Mistral, Qwen2 with q/k/v
-//!   bias; grouped-query attention; tied or untied embeddings) on candle [`candle_core::Var`]s
-//!   held in a [`ParamStore`] under Hugging Face tensor names;
+//!   bias; grouped-query attention; tied or untied embeddings) and GPT-2 on candle
+//!   [`candle_core::Var`]s held in a [`ParamStore`] under Hugging Face tensor names;
+//!   [`CausalLm`] picks the architecture from `config.json`'s `model_type`;
 //! - loads and saves Hugging Face directories ([`hf`]): `config.json` plus `model.safetensors`
 //!   or a sharded index, memory-mapped, with typed errors for every bad input, and resolves
 //!   the hf-hub cache layout offline;
@@ -47,7 +48,10 @@
 //! ```
 
 pub mod analysis;
+pub mod builtin;
+pub mod causal_lm;
 pub mod config;
+pub mod gpt2;
 pub mod hf;
 pub mod llama;
 pub mod ops;
@@ -55,7 +59,9 @@ pub mod params;
 pub mod safetensors;
 
 pub use analysis::{Analysis, ModuleStats, analyze_llama};
+pub use causal_lm::CausalLm;
 pub use config::{LlamaConfig, ModelType, RopeScaling};
+pub use gpt2::{Gpt2, Gpt2Config};
 pub use llama::Llama;
 pub use params::ParamStore;
 

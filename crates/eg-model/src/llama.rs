@@ -300,36 +300,11 @@ impl Llama {
 
 /// Checks tensor names and shapes against what `cfg` needs.
 pub(crate) fn check_names(cfg: &LlamaConfig, shapes: &HashMap<String, Vec<usize>>) -> Result<()> {
-    let expected = expected_tensors(cfg);
-    let mut missing = Vec::new();
-    for (name, shape, _) in &expected {
-        match shapes.get(name) {
-            None => missing.push(name.clone()),
-            Some(found) if found != shape => {
-                return Err(Error::ShapeMismatch {
-                    tensor: name.clone(),
-                    expected: shape.clone(),
-                    found: found.clone(),
-                });
-            }
-            Some(_) => {}
-        }
-    }
-    if !missing.is_empty() {
-        return Err(Error::MissingTensors { names: missing });
-    }
-    let known: std::collections::HashSet<&str> =
-        expected.iter().map(|(n, _, _)| n.as_str()).collect();
-    let mut unexpected: Vec<String> = shapes
-        .keys()
-        .filter(|n| !known.contains(n.as_str()) && !is_ignorable(cfg, n))
-        .cloned()
+    let expected: Vec<(String, Vec<usize>)> = expected_tensors(cfg)
+        .into_iter()
+        .map(|(n, s, _)| (n, s))
         .collect();
-    if !unexpected.is_empty() {
-        unexpected.sort();
-        return Err(Error::UnexpectedTensors { names: unexpected });
-    }
-    Ok(())
+    crate::params::check_tensor_names(&expected, shapes, |n| is_ignorable(cfg, n))
 }
 
 fn is_ignorable(cfg: &LlamaConfig, name: &str) -> bool {

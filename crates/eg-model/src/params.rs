@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::Result;
+use crate::{Error, Result};
 
 /// Trainable parameters under Hugging Face tensor names, in a fixed order (the order they
 /// were added), so optimizers and checkpoints see the same sequence every run.
@@ -73,6 +73,44 @@ impl ParamStore {
             .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
             .collect()
     }
+}
+
+/// Checks that `shapes` holds exactly the `expected` tensors with their shapes: a wrong
+/// shape is [`Error::ShapeMismatch`], absent names [`Error::MissingTensors`], extra names
+/// (other than `ignorable` ones) [`Error::UnexpectedTensors`].
+pub(crate) fn check_tensor_names(
+    expected: &[(String, Vec<usize>)],
+    shapes: &HashMap<String, Vec<usize>>,
+    ignorable: impl Fn(&str) -> bool,
+) -> Result<()> {
+    let mut missing = Vec::new();
+    for (name, shape) in expected {
+        match shapes.get(name) {
+            None => missing.push(name.clone()),
+            Some(found) if found != shape => {
+                return Err(Error::ShapeMismatch {
+                    tensor: name.clone(),
+                    expected: shape.clone(),
+                    found: found.clone(),
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    if !missing.is_empty() {
+        return Err(Error::MissingTensors { names: missing });
+    }
+    let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+    let mut unexpected: Vec<String> = shapes
+        .keys()
+        .filter(|n| !known.contains(n.as_str()) && !ignorable(n))
+        .cloned()
+        .collect();
+    if !unexpected.is_empty() {
+        unexpected.sort();
+        return Err(Error::UnexpectedTensors { names: unexpected });
+    }
+    Ok(())
 }
 
 /// A SplitMix64 stream: tiny, fast, and identical on every platform.

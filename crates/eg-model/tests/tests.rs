@@ -3,6 +3,8 @@
 
 #[path = "it/common.rs"]
 mod common;
+#[path = "it/gpt2.rs"]
+mod gpt2;
 #[path = "it/hf.rs"]
 mod hf;
 #[path = "it/model.rs"]
