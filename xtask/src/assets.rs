@@ -765,6 +765,14 @@ fn validators(python: &str, venv: &Path, requirements: &Path) -> Result<String> 
     } else {
         println!("{:<12} creating {} ...", "validators", venv.display());
         if venv.exists() {
+            // Only ever delete what is recognisably a venv (or empty).
+            let empty = fs::read_dir(venv).is_ok_and(|mut d| d.next().is_none());
+            if !empty && !venv.join("pyvenv.cfg").is_file() {
+                bail!(
+                    "{} exists and is not a Python venv; refusing to replace it",
+                    venv.display()
+                );
+            }
             fs::remove_dir_all(venv)
                 .with_context(|| format!("cannot remove {}", venv.display()))?;
         }
