@@ -131,3 +131,26 @@ fn print_timings(timings: &[(&str, Option<Duration>)], total: Duration) {
     }
     println!("  {:<10} {:>8.1}s", "total", total.as_secs_f64());
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_run_cheapest_first() {
+        let names: Vec<&str> = STEPS.iter().map(|s| s.name).collect();
+        assert_eq!(names, ["fmt", "clippy", "layering", "tests", "doc"]);
+    }
+
+    #[test]
+    fn skip_options_are_checked() {
+        let options = Options::parse(&["--skip-clippy".to_owned()]).unwrap();
+        assert_eq!(options.skip, ["clippy"]);
+        let err = Options::parse(&["--skip-lint".to_owned()]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("fmt, clippy, layering, tests, doc"),
+            "{err}"
+        );
+    }
+}

@@ -115,3 +115,31 @@ pub(crate) fn human(bytes: u64) -> String {
         format!("{bytes} B")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_persist_walk_and_hash() {
+        let dir = std::env::temp_dir().join(format!("xtask-fsutil-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        write_atomic(&dir.join("a/b.txt"), b"abc").unwrap();
+        fs::write(dir.join("staged"), b"").unwrap();
+        persist(&dir.join("staged"), &dir.join("c/d/e")).unwrap();
+        assert_eq!(walk_files(&dir).unwrap(), ["a/b.txt", "c/d/e"]);
+        let (sha, size) = sha256_file(&dir.join("a/b.txt")).unwrap();
+        assert_eq!(size, 3);
+        assert_eq!(
+            sha,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human(53), "53 B");
+        assert_eq!(human(92_871_040), "92.9 MB");
+    }
+}
