@@ -96,12 +96,12 @@ impl Display for HardwareReport {
                 .as_ref()
                 .map_or_else(|| UNKNOWN.to_owned(), |v| v.join(" "))
         )?;
+        let mhz = |v: Option<f64>| v.map_or(UNKNOWN.to_owned(), |m| format!("{m:.0} MHz"));
         writeln!(
             f,
-            "          frequency: {} MHz now, {} MHz max",
-            c.current_mhz
-                .map_or(UNKNOWN.to_owned(), |m| format!("{m:.0}")),
-            c.max_mhz.map_or(UNKNOWN.to_owned(), |m| format!("{m:.0}"))
+            "          frequency: {} now, max {}",
+            mhz(c.current_mhz),
+            mhz(c.max_mhz)
         )?;
 
         let m = &self.memory;
@@ -181,12 +181,19 @@ impl Display for HardwareReport {
         }
 
         for s in &self.storage {
+            let on = match (
+                s.disk.as_deref().or(s.device.as_deref()),
+                s.model.as_deref(),
+            ) {
+                (Some(d), Some(m)) => format!(" on {d} ({m})"),
+                (Some(d), None) => format!(" on {d}"),
+                _ => String::new(),
+            };
             writeln!(
                 f,
-                "Storage   {}: {} on {} ({}, {}), {} free of {}",
+                "Storage   {}: {}{on}, {} at {}, {} free of {}",
                 s.path,
                 s.kind,
-                opt(s.disk.as_deref().or(s.device.as_deref())),
                 opt(s.filesystem.as_deref()),
                 opt(s.mount_point.as_deref()),
                 bytes(s.free_bytes),

@@ -224,6 +224,27 @@ fn nvme_and_hdd_and_friends() {
     assert_eq!(r.storage[5].disk.as_deref(), Some("sdb"));
     assert!(warned(&r, "overlay"));
     assert_eq!(r.cpu.vendor.as_deref(), Some("AuthenticAMD"));
+    // Root cgroup of a cgroup2 host: no limit.
+    assert_eq!(r.memory.cgroup.limit, Limit::Unlimited);
+    assert_eq!(r.memory.effective_limit_bytes, r.memory.total_bytes);
+}
+
+#[test]
+fn cgroup_v2_group_without_a_mounted_hierarchy_is_unknown() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = |p: &str, s: &str| {
+        let f = dir.path().join(p);
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(f, s).unwrap();
+    };
+    w("proc/meminfo", "MemTotal: 1000 kB\nMemAvailable: 500 kB\n");
+    w("proc/self/cgroup", "0::/\n");
+    w("proc/self/mountinfo", "1 0 8:1 / / rw - ext4 /dev/sda1 rw\n");
+    let r = Detector::new(Root::new(dir.path())).detect();
+    assert_eq!(r.memory.cgroup.version, CgroupVersion::V2);
+    assert_eq!(r.memory.cgroup.limit, Limit::Unknown);
+    assert_eq!(r.memory.effective_limit_bytes, None);
+    assert!(warned(&r, "cgroup2 is not mounted"), "{:?}", r.warnings);
 }
 
 #[test]
