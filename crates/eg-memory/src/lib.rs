@@ -1,24 +1,102 @@
 //! # eg-memory
 //!
-//! Memory accounting and planning: the memory model (parameters, gradients, optimizer state, activations), the planner that turns a budget into micro-batch size, accumulation and offload, live pressure detection, offload stores, activation checkpointing and precision choice.
+//! Memory planning and control: a run that fits is planned before it starts, and a run that
+//! stops fitting adapts instead of being killed.
 //!
-//! **Status:** this crate is a placeholder. Its design is written down in
-//! `ARCHITECTURE.md`; the work that fills it is tracked in issue #8. Nothing here pretends
-//! to work: every entry point that exists returns [`Error::Unsupported`].
+//! ## Brief overview
+//!
+//! - [`footprint`]: the memory model. From a [`ModelProfile`] (plain numbers the model side
+//!   fills in from its layer analysis; this crate sits below eg-model and does not depend on
+//!   it) and a [`Setup`] (precision, optimizer, LoRA/QLoRA, sequence length, micro-batch,
+//!   accumulation, checkpointing, offload), [`MemoryModel::estimate`] predicts the peak bytes
+//!   of a training step, term by term. Every term and formula is documented on [`Estimate`]
+//!   and in `docs/memory.md`.
+//! - [`planner`]: the [`Budget`] (effective memory from eg-hardware, cgroup aware, ×
+//!   `memory.budget_fraction`, capped by `memory.limit`, minus `memory.reserve`) and [`plan`],
+//!   which enumerates micro-batch sizes dividing the global batch, checkpointing on/off and
+//!   offload none/disk, predicts peak and relative throughput for each, and chooses the
+//!   fastest that fits with headroom — or returns [`Error::DoesNotFit`] saying by how much
+//!   and what would help.
+//! - [`live`]: what is used now — process RSS/HWM, cgroup v1 and v2 usage, limit, peak and
+//!   OOM events, PSI — all read through an [`eg_hardware::Root`] so tests use fixture trees.
+//! - [`pressure`]: [`Level`]s (Normal, Elevated, Critical) with hysteresis (enter at one
+//!   threshold, leave below a lower one, after a minimum dwell).
+//! - [`controller`]: the pure state machine that shrinks the micro-batch (accumulation grows,
+//!   the global batch never changes), then turns on checkpointing, then offload, and grows
+//!   back after a stable period; every [`Decision`] is a serde record.
+//!
+//! Why a model and not trial and error: the alternatives in the field either change the
+//! effective batch (HF's `auto_find_batch_size`), never grow back (Composer), or ignore
+//! activations (Accelerate's and DeepSpeed's estimators). Predicting first lets `eg plan`
+//! say what fits before anything runs; the controller covers what the model misses.
+//!
+//! ## Example
+//!
+//! ```
+//! use eg_config::Bytes;
+//! use eg_config::wire::Toggle;
+//! use eg_memory::{
+//!     Adapters, BlockProfile, Budget, MemoryModel, ModelProfile, OffloadChoice, Optimizer,
+//!     PlanRequest, Precision, SpeedModel, plan,
+//! };
+//!
+//! let profile = ModelProfile {
+//!     params: 10_000_000,
+//!     quantizable_params: 8_000_000,
+//!     largest_matrix_params: 500_000,
+//!     hidden_size: 256,
+//!     blocks: vec![
+//!         BlockProfile { activation_elems_per_token: 4_000, activation_elems_per_token_per_position: 8 };
+//!         8
+//!     ],
+//!     head_activation_elems_per_token: 1_000,
+//!     vocab_size: 1_000,
+//!     lora_params_per_rank: 8_192,
+//!     lora_activation_elems_per_token_per_rank: 16,
+//!     forward_flops_per_token: 20_000_000,
+//!     forward_flops_per_token_per_position: 16_000,
+//! };
+//! let request = PlanRequest {
+//!     profile,
+//!     precision: Precision::Bf16,
+//!     optimizer: Optimizer::AdamW,
+//!     adapters: Adapters::None,
+//!     global_tokens: 16 * 512,
+//!     seq_len: 512,
+//!     micro_batch: None,
+//!     checkpointing: Toggle::Auto,
+//!     offload: OffloadChoice::Auto,
+//!     headroom: 0.1,
+//! };
+//! // 2 GiB effective memory, 90 % of it, minus a 256 MiB reserve.
+//! let budget = Budget::new(Some(Bytes(2 << 30)), 0.9, None, Bytes(256 << 20))?;
+//! let plan = plan(&request, &budget, &MemoryModel::default(), &SpeedModel::default())?;
+//! let s = plan.chosen.strategy;
+//! assert_eq!(s.micro_batch * s.accumulation, 16);
+//! assert!(plan.chosen.estimate.peak <= budget.usable);
+//!
+//! // With 600 MiB nothing fits, and the error says what would help.
+//! let small = Budget::new(None, 1.0, Some(Bytes(600 << 20)), Bytes(256 << 20))?;
+//! let err = eg_memory::plan(&request, &small, &MemoryModel::default(), &SpeedModel::default())
+//!     .unwrap_err();
+//! assert!(err.to_string().contains("would help"));
+//! # Ok::<(), eg_memory::Error>(())
+//! ```
 
-/// Errors of this crate.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    /// The requested capability is not built yet.
-    #[error("{what} is not supported yet (tracked in issue #{issue}; see the README's status table)")]
-    Unsupported {
-        /// What was asked for.
-        what: &'static str,
-        /// The issue that tracks the work.
-        issue: u32,
-    },
-}
+pub mod controller;
+mod error;
+pub mod footprint;
+pub mod live;
+pub mod planner;
+pub mod pressure;
 
-/// Result alias of this crate.
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+pub use controller::{Action, Controller, ControllerConfig, Decision};
+pub use error::{Error, Result, Suggestion};
+pub use footprint::{
+    Adapters, BaseFormat, BlockProfile, Estimate, MemoryModel, ModelProfile, OffloadKind,
+    Optimizer, Precision, Setup,
+};
+pub use planner::{
+    Budget, Candidate, OffloadChoice, Plan, PlanRequest, SpeedModel, Strategy, plan,
+};
+pub use pressure::{Level, PressureDetector, Reading, Thresholds};

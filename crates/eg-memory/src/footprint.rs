@@ -1,0 +1,767 @@
+//! The memory model: predicted peak bytes of one training step.
+//!
+//! Inputs are a [`ModelProfile`] (what the network is: parameter counts and activation
+//! elements per token, filled in by the model side from its layer analysis) and a [`Setup`]
+//! (how it runs: precision, optimizer, adapters, sequence length, micro-batch, accumulation,
+//! checkpointing, offload). [`MemoryModel::estimate`] returns an [`Estimate`]: every term
+//! separately and their sum, the predicted peak.
+//!
+//! Notation below: `P` base parameters, `Q` of them in quantizable block matrices, `T`
+//! trainable parameters (`P` for full fine-tuning, the adapters' for LoRA), `c` the compute
+//! element size (4 for f32, 2 for bf16/f16), `n = micro_batch × seq_len` tokens per
+//! micro-batch, `s` the sequence length, `L` the number of blocks. Each term is documented on
+//! its [`Estimate`] field; `docs/memory.md` has the same formulas in one place.
+
+use std::fmt;
+
+use eg_config::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Element size of f32 master weights, gradient accumulators and optimizer moments.
+pub const F32_BYTES: u64 = 4;
+/// NF4 and Int8 quantize in blocks of this many weights, each with its own absmax scale.
+pub const QUANT_BLOCK: u64 = 64;
+/// With double quantization, the 8-bit absmax scales are themselves scaled in groups of this
+/// many blocks, one f32 per group (QLoRA paper, section 2).
+pub const DOUBLE_QUANT_GROUP: u64 = 256;
+
+/// One transformer block's activation memory, in elements per token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockProfile {
+    /// Elements per token the forward pass keeps for the backward pass that do not depend on
+    /// the sequence length (projections, MLP intermediates, norm outputs, residual sums).
+    pub activation_elems_per_token: u64,
+    /// Elements per token *per position of context*: the attention score and probability
+    /// matrices (`2 × heads` for a reference attention that materialises `s × s` per head).
+    /// Multiplied by the sequence length.
+    pub activation_elems_per_token_per_position: u64,
+}
+
+impl BlockProfile {
+    /// Elements per token kept at sequence length `seq_len`.
+    pub fn elems_per_token(&self, seq_len: u64) -> u64 {
+        self.activation_elems_per_token.saturating_add(
+            self.activation_elems_per_token_per_position
+                .saturating_mul(seq_len),
+        )
+    }
+}
+
+/// What the memory model needs to know about a network. Plain numbers: the model side
+/// (eg-model's layer analysis) converts into it, so this crate does not depend on the model
+/// crate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelProfile {
+    /// Base parameters `P` (a tied embedding counted once).
+    pub params: u64,
+    /// Parameters `Q` in the blocks' weight matrices: the ones QLoRA stores in NF4/Int8. The
+    /// rest (embeddings, norms, the head) stay in the compute dtype.
+    pub quantizable_params: u64,
+    /// Elements of the largest single quantizable matrix (QLoRA dequantizes one at a time).
+    pub largest_matrix_params: u64,
+    /// Width of the residual stream: elements per token of a block's input, which is what
+    /// activation checkpointing keeps per block.
+    pub hidden_size: u64,
+    /// The transformer blocks, in order.
+    pub blocks: Vec<BlockProfile>,
+    /// Activation elements per token outside the blocks (embedding output, final norm,
+    /// logits).
+    pub head_activation_elems_per_token: u64,
+    /// Vocabulary size (the logits' gradient is `n × vocab`).
+    pub vocab_size: u64,
+    /// LoRA parameters per unit of rank on the configured target modules, over all blocks:
+    /// `Σ (in + out)` of the targeted matrices. Rank `r` trains `r ×` this many.
+    pub lora_params_per_rank: u64,
+    /// LoRA activation elements per token per unit of rank (the `r`-wide intermediate of each
+    /// adapter), over all blocks.
+    pub lora_activation_elems_per_token_per_rank: u64,
+    /// Forward FLOPs per token that do not depend on the sequence length.
+    pub forward_flops_per_token: u64,
+    /// Forward FLOPs per token per position of context (attention's two matrix products).
+    pub forward_flops_per_token_per_position: u64,
+}
+
+impl ModelProfile {
+    /// Checks the profile's internal consistency.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field, reason: String| Error::Invalid {
+            what: "model profile",
+            field,
+            reason,
+        };
+        if self.params == 0 {
+            return Err(bad("params", "must be positive".into()));
+        }
+        if self.quantizable_params > self.params {
+            return Err(bad(
+                "quantizable_params",
+                format!(
+                    "({}) exceeds params ({})",
+                    self.quantizable_params, self.params
+                ),
+            ));
+        }
+        if self.largest_matrix_params > self.quantizable_params {
+            return Err(bad(
+                "largest_matrix_params",
+                format!(
+                    "({}) exceeds quantizable_params ({})",
+                    self.largest_matrix_params, self.quantizable_params
+                ),
+            ));
+        }
+        if self.blocks.is_empty() {
+            return Err(bad("blocks", "is empty".into()));
+        }
+        if self.hidden_size == 0 {
+            return Err(bad("hidden_size", "must be positive".into()));
+        }
+        Ok(())
+    }
+
+    /// Forward FLOPs per token at sequence length `seq_len`.
+    pub fn forward_flops(&self, seq_len: u64) -> u64 {
+        self.forward_flops_per_token.saturating_add(
+            self.forward_flops_per_token_per_position
+                .saturating_mul(seq_len),
+        )
+    }
+}
+
+/// Compute precision of a training step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// Everything in f32.
+    F32,
+    /// bf16 weights and activations, f32 master weights for the trainable parameters.
+    Bf16,
+    /// f16 weights and activations, f32 master weights, dynamic loss scaling (the scaler's
+    /// state is a few scalars; overflowed steps are skipped, which costs no memory).
+    F16,
+}
+
+impl Precision {
+    /// Element size `c` of weights, activations and gradients in compute.
+    pub fn compute_bytes(self) -> u64 {
+        match self {
+            Precision::F32 => 4,
+            Precision::Bf16 | Precision::F16 => 2,
+        }
+    }
+
+    /// Whether trainable parameters need an f32 master copy.
+    pub fn needs_master(self) -> bool {
+        self != Precision::F32
+    }
+
+    /// Resolves the configured precision: `auto` picks bf16 when the CPU has native bf16
+    /// (`avx512_bf16`, `amx_bf16`, or Arm `bf16`), else f32.
+    pub fn from_config(p: eg_config::wire::Precision, cpu_features: &[String]) -> Precision {
+        use eg_config::wire::Precision as P;
+        match p {
+            P::F32 => Precision::F32,
+            P::Bf16 => Precision::Bf16,
+            P::F16 => Precision::F16,
+            _ => {
+                let bf16 = cpu_features
+                    .iter()
+                    .any(|f| matches!(f.as_str(), "avx512_bf16" | "amx_bf16" | "bf16"));
+                if bf16 {
+                    Precision::Bf16
+                } else {
+                    Precision::F32
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16+f32 master",
+            Precision::F16 => "f16+f32 master+loss scaling",
+        })
+    }
+}
+
+/// Optimizer, for the size of its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Optimizer {
+    /// AdamW: two f32 moments per trainable parameter.
+    AdamW,
+    /// SGD with momentum: one f32 buffer.
+    Sgd,
+    /// Lion: one f32 momentum.
+    Lion,
+}
+
+impl Optimizer {
+    /// f32 state buffers per trainable parameter.
+    pub fn slots(self) -> u64 {
+        match self {
+            Optimizer::AdamW => 2,
+            Optimizer::Sgd | Optimizer::Lion => 1,
+        }
+    }
+
+    /// From the validated configuration.
+    pub fn from_config(o: &eg_config::OptimizerConfig) -> Optimizer {
+        match o {
+            eg_config::OptimizerConfig::Sgd { .. } => Optimizer::Sgd,
+            eg_config::OptimizerConfig::Lion { .. } => Optimizer::Lion,
+            _ => Optimizer::AdamW,
+        }
+    }
+}
+
+/// How the frozen base of a LoRA run is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum BaseFormat {
+    /// In the compute dtype (plain LoRA).
+    Full,
+    /// NF4 (QLoRA): 4 bits per weight plus one absmax per 64-block; with `double_quant` the
+    /// absmax values are 8-bit with one f32 per 256 blocks, else f32.
+    Nf4 {
+        /// Double quantization of the absmax scales.
+        double_quant: bool,
+    },
+    /// 8-bit integers plus one f32 absmax per 64-block.
+    Int8,
+}
+
+/// Which parameters train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Adapters {
+    /// Full fine-tuning: every parameter trains.
+    None,
+    /// LoRA adapters of this rank on a frozen base stored as `base`.
+    Lora {
+        /// Adapter rank.
+        rank: u32,
+        /// Storage of the frozen base.
+        base: BaseFormat,
+    },
+}
+
+impl Adapters {
+    /// From the validated configuration (`[model.lora]`, `model.quantization`). NF4 uses
+    /// double quantization, as QLoRA does by default.
+    pub fn from_config(m: &eg_config::ModelConfig) -> Adapters {
+        use eg_config::wire::BaseQuant;
+        match &m.lora {
+            None => Adapters::None,
+            Some(l) => Adapters::Lora {
+                rank: l.rank.get(),
+                base: match m.quantization {
+                    BaseQuant::Nf4 => BaseFormat::Nf4 { double_quant: true },
+                    BaseQuant::Int8 => BaseFormat::Int8,
+                    _ => BaseFormat::Full,
+                },
+            },
+        }
+    }
+}
+
+impl fmt::Display for Adapters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Adapters::None => f.write_str("full fine-tuning"),
+            Adapters::Lora {
+                rank,
+                base: BaseFormat::Full,
+            } => write!(f, "LoRA r={rank}"),
+            Adapters::Lora {
+                rank,
+                base: BaseFormat::Nf4 { double_quant },
+            } => write!(
+                f,
+                "QLoRA r={rank} (NF4{})",
+                if *double_quant { "+double quant" } else { "" }
+            ),
+            Adapters::Lora {
+                rank,
+                base: BaseFormat::Int8,
+            } => write!(f, "LoRA r={rank} on an Int8 base"),
+        }
+    }
+}
+
+/// Where optimizer state lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OffloadKind {
+    /// In RAM, next to the model.
+    None,
+    /// In memory-mapped files on disk, streamed through a bounded window.
+    Disk,
+}
+
+impl fmt::Display for OffloadKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OffloadKind::None => "none",
+            OffloadKind::Disk => "disk",
+        })
+    }
+}
+
+/// How one training step runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Setup {
+    /// Compute precision.
+    pub precision: Precision,
+    /// Optimizer.
+    pub optimizer: Optimizer,
+    /// Full fine-tuning or LoRA/QLoRA.
+    pub adapters: Adapters,
+    /// Tokens per sequence `s`.
+    pub seq_len: u32,
+    /// Sequences per micro-batch.
+    pub micro_batch: u32,
+    /// Micro-batches per optimizer step.
+    pub accumulation: u32,
+    /// Activation checkpointing per block.
+    pub checkpointing: bool,
+    /// Optimizer-state offload.
+    pub offload: OffloadKind,
+}
+
+/// Predicted bytes of one training step, term by term. `peak` is their sum: the terms are all
+/// alive together at the start of the backward pass of a micro-batch (weights, gradients
+/// being accumulated, optimizer state, every kept activation, the logits' gradient).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Estimate {
+    /// Weights used in compute. Full fine-tuning and LoRA: `P·c`. QLoRA: `⌈Q/2⌉` NF4 bytes
+    /// (`Q` for Int8) + absmax scales (`⌈Q/64⌉·4`, or with double quantization
+    /// `⌈Q/64⌉ + ⌈Q/64/256⌉·4`) + `(P−Q)·c` for what is not quantized.
+    pub weights: Bytes,
+    /// LoRA adapter weights in compute: `T·c` (0 without adapters: they are in `weights`).
+    pub adapter_weights: Bytes,
+    /// f32 master copy of the trainable parameters for bf16/f16: `T·4` (0 for f32).
+    pub master_weights: Bytes,
+    /// Gradients the backward pass produces, in compute dtype: `T·c` (none for a frozen
+    /// base).
+    pub gradients: Bytes,
+    /// f32 accumulator of gradients over micro-batches: `T·4` when `accumulation > 1`, else 0.
+    pub grad_accumulator: Bytes,
+    /// Optimizer state: `slots·T·4` (AdamW 2 slots, SGD and Lion 1). With disk offload, only
+    /// the streaming window: `min(state, offload_window)`.
+    pub optimizer_state: Bytes,
+    /// Activations kept for the backward pass, `·c`. Without checkpointing:
+    /// `n·(Σ_blocks (a_b + p_b·s) + head + r·lora_act)`. With checkpointing: the block inputs
+    /// `n·L·hidden`, plus one block's full activations during its recompute
+    /// `n·max_b (a_b + p_b·s)`, plus `n·(head + r·lora_act)`.
+    pub activations: Bytes,
+    /// Short-lived buffers at the peak: the logits' gradient `n·vocab·c`, the activation
+    /// gradients of the block being back-propagated `n·max_b (a_b + p_b·s)·c`, and under
+    /// QLoRA one dequantized matrix `largest·c`.
+    pub transient: Bytes,
+    /// Fixed runtime overhead: the binary, allocator, thread stacks, tokenizer, data
+    /// prefetch ([`MemoryModel::runtime_overhead`]).
+    pub overhead: Bytes,
+    /// The predicted peak: the sum of the terms above.
+    pub peak: Bytes,
+}
+
+impl Estimate {
+    /// The terms with their names, in order (without `peak`).
+    pub fn terms(&self) -> [(&'static str, Bytes); 9] {
+        [
+            ("weights", self.weights),
+            ("adapter_weights", self.adapter_weights),
+            ("master_weights", self.master_weights),
+            ("gradients", self.gradients),
+            ("grad_accumulator", self.grad_accumulator),
+            ("optimizer_state", self.optimizer_state),
+            ("activations", self.activations),
+            ("transient", self.transient),
+            ("overhead", self.overhead),
+        ]
+    }
+}
+
+impl fmt::Display for Estimate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "peak {}", self.peak)?;
+        for (name, b) in self.terms() {
+            if b.0 > 0 {
+                write!(f, ", {name} {b}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The memory model's constants. [`MemoryModel::default`] holds the values documented in
+/// `docs/memory.md`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryModel {
+    /// Fixed bytes every run has besides the model: the binary and its libraries, allocator
+    /// arenas, thread stacks, tokenizer and data prefetch buffers.
+    pub runtime_overhead: Bytes,
+    /// Bytes of optimizer state held in RAM at a time under disk offload (prefetch of the
+    /// next tensors plus write-back of the last ones).
+    pub offload_window: Bytes,
+}
+
+impl Default for MemoryModel {
+    /// 256 MiB runtime overhead, 64 MiB offload window.
+    fn default() -> Self {
+        MemoryModel {
+            runtime_overhead: Bytes(256 << 20),
+            offload_window: Bytes(64 << 20),
+        }
+    }
+}
+
+fn mul(a: u64, b: u64) -> u64 {
+    a.saturating_mul(b)
+}
+
+impl MemoryModel {
+    /// Predicts the peak bytes of one training step of `profile` run as `setup`.
+    pub fn estimate(&self, profile: &ModelProfile, setup: &Setup) -> Result<Estimate> {
+        profile.validate()?;
+        let bad = |field, reason: &str| Error::Invalid {
+            what: "setup",
+            field,
+            reason: reason.to_string(),
+        };
+        if setup.seq_len == 0 {
+            return Err(bad("seq_len", "must be positive"));
+        }
+        if setup.micro_batch == 0 {
+            return Err(bad("micro_batch", "must be positive"));
+        }
+        if setup.accumulation == 0 {
+            return Err(bad("accumulation", "must be positive"));
+        }
+        if let Adapters::Lora { rank: 0, .. } = setup.adapters {
+            return Err(bad("adapters.rank", "must be positive"));
+        }
+
+        let c = setup.precision.compute_bytes();
+        let p = profile.params;
+        let q = profile.quantizable_params;
+        let s = u64::from(setup.seq_len);
+        let n = mul(u64::from(setup.micro_batch), s);
+
+        // Weights and trainable parameters.
+        let (weights, trainable, rank, dequant) = match setup.adapters {
+            Adapters::None => (mul(p, c), p, 0, 0),
+            Adapters::Lora { rank, base } => {
+                let r = u64::from(rank);
+                let t = mul(r, profile.lora_params_per_rank);
+                let blocks = q.div_ceil(QUANT_BLOCK);
+                let rest = mul(p - q, c);
+                let (w, deq) = match base {
+                    BaseFormat::Full => (mul(p, c), 0),
+                    BaseFormat::Nf4 { double_quant } => {
+                        let scales = if double_quant {
+                            blocks + mul(blocks.div_ceil(DOUBLE_QUANT_GROUP), F32_BYTES)
+                        } else {
+                            mul(blocks, F32_BYTES)
+                        };
+                        (
+                            q.div_ceil(2) + scales + rest,
+                            mul(profile.largest_matrix_params, c),
+                        )
+                    }
+                    BaseFormat::Int8 => (
+                        q + mul(blocks, F32_BYTES) + rest,
+                        mul(profile.largest_matrix_params, c),
+                    ),
+                };
+                (w, t, r, deq)
+            }
+        };
+        let adapter_weights = if setup.adapters == Adapters::None {
+            0
+        } else {
+            mul(trainable, c)
+        };
+        let master_weights = if setup.precision.needs_master() {
+            mul(trainable, F32_BYTES)
+        } else {
+            0
+        };
+        let gradients = mul(trainable, c);
+        let grad_accumulator = if setup.accumulation > 1 {
+            mul(trainable, F32_BYTES)
+        } else {
+            0
+        };
+        let state = mul(mul(setup.optimizer.slots(), trainable), F32_BYTES);
+        let optimizer_state = match setup.offload {
+            OffloadKind::None => state,
+            OffloadKind::Disk => state.min(self.offload_window.0),
+        };
+
+        // Activations.
+        let per_block: Vec<u64> = profile
+            .blocks
+            .iter()
+            .map(|b| b.elems_per_token(s))
+            .collect();
+        let max_block = per_block.iter().copied().max().unwrap_or(0);
+        let outside = profile
+            .head_activation_elems_per_token
+            .saturating_add(mul(rank, profile.lora_activation_elems_per_token_per_rank));
+        let kept_per_token = if setup.checkpointing {
+            mul(profile.blocks.len() as u64, profile.hidden_size)
+                .saturating_add(max_block)
+                .saturating_add(outside)
+        } else {
+            per_block
+                .iter()
+                .fold(0u64, |a, &b| a.saturating_add(b))
+                .saturating_add(outside)
+        };
+        let activations = mul(mul(n, kept_per_token), c);
+        let transient =
+            mul(mul(n, profile.vocab_size.saturating_add(max_block)), c).saturating_add(dequant);
+        let overhead = self.runtime_overhead.0;
+
+        let peak = [
+            weights,
+            adapter_weights,
+            master_weights,
+            gradients,
+            grad_accumulator,
+            optimizer_state,
+            activations,
+            transient,
+            overhead,
+        ]
+        .iter()
+        .fold(0u64, |a, &b| a.saturating_add(b));
+        Ok(Estimate {
+            weights: Bytes(weights),
+            adapter_weights: Bytes(adapter_weights),
+            master_weights: Bytes(master_weights),
+            gradients: Bytes(gradients),
+            grad_accumulator: Bytes(grad_accumulator),
+            optimizer_state: Bytes(optimizer_state),
+            activations: Bytes(activations),
+            transient: Bytes(transient),
+            overhead: Bytes(overhead),
+            peak: Bytes(peak),
+        })
+    }
+
+    /// Bytes of optimizer state for `setup` (what disk offload moves out of RAM).
+    pub fn optimizer_state_bytes(&self, profile: &ModelProfile, setup: &Setup) -> u64 {
+        let trainable = match setup.adapters {
+            Adapters::None => profile.params,
+            Adapters::Lora { rank, .. } => mul(u64::from(rank), profile.lora_params_per_rank),
+        };
+        mul(mul(setup.optimizer.slots(), trainable), F32_BYTES)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A toy profile with round numbers for hand computation.
+    fn toy() -> ModelProfile {
+        ModelProfile {
+            params: 1_000_000,
+            quantizable_params: 640_000,
+            largest_matrix_params: 64_000,
+            hidden_size: 100,
+            blocks: vec![
+                BlockProfile {
+                    activation_elems_per_token: 1_000,
+                    activation_elems_per_token_per_position: 8,
+                };
+                4
+            ],
+            head_activation_elems_per_token: 600,
+            vocab_size: 500,
+            lora_params_per_rank: 1_000,
+            lora_activation_elems_per_token_per_rank: 10,
+            forward_flops_per_token: 2_000_000,
+            forward_flops_per_token_per_position: 1_000,
+        }
+    }
+
+    fn setup() -> Setup {
+        Setup {
+            precision: Precision::F32,
+            optimizer: Optimizer::AdamW,
+            adapters: Adapters::None,
+            seq_len: 100,
+            micro_batch: 2,
+            accumulation: 1,
+            checkpointing: false,
+            offload: OffloadKind::None,
+        }
+    }
+
+    fn zero_overhead() -> MemoryModel {
+        MemoryModel {
+            runtime_overhead: Bytes(0),
+            offload_window: Bytes(1_000),
+        }
+    }
+
+    #[test]
+    fn full_f32_adamw_by_hand() {
+        let e = zero_overhead().estimate(&toy(), &setup()).unwrap();
+        assert_eq!(e.weights, Bytes(4_000_000));
+        assert_eq!(e.master_weights, Bytes(0));
+        assert_eq!(e.gradients, Bytes(4_000_000));
+        assert_eq!(e.grad_accumulator, Bytes(0));
+        assert_eq!(e.optimizer_state, Bytes(8_000_000));
+        // n = 200 tokens; per block 1000 + 8*100 = 1800; 4 blocks = 7200; + head 600 = 7800.
+        assert_eq!(e.activations, Bytes(200 * 7_800 * 4));
+        // logits grad 200*500*4 + one block's grads 200*1800*4.
+        assert_eq!(e.transient, Bytes(200 * 500 * 4 + 200 * 1_800 * 4));
+        assert_eq!(e.peak, Bytes(16_000_000 + 6_240_000 + 400_000 + 1_440_000));
+    }
+
+    #[test]
+    fn bf16_master_and_accumulation() {
+        let s = Setup {
+            precision: Precision::Bf16,
+            accumulation: 4,
+            ..setup()
+        };
+        let e = zero_overhead().estimate(&toy(), &s).unwrap();
+        assert_eq!(e.weights, Bytes(2_000_000));
+        assert_eq!(e.master_weights, Bytes(4_000_000));
+        assert_eq!(e.gradients, Bytes(2_000_000));
+        assert_eq!(e.grad_accumulator, Bytes(4_000_000));
+        assert_eq!(e.activations, Bytes(200 * 7_800 * 2));
+    }
+
+    #[test]
+    fn optimizer_slots() {
+        for (o, state) in [
+            (Optimizer::AdamW, 8_000_000),
+            (Optimizer::Sgd, 4_000_000),
+            (Optimizer::Lion, 4_000_000),
+        ] {
+            let s = Setup {
+                optimizer: o,
+                ..setup()
+            };
+            let e = zero_overhead().estimate(&toy(), &s).unwrap();
+            assert_eq!(e.optimizer_state, Bytes(state), "{o:?}");
+        }
+    }
+
+    #[test]
+    fn checkpointing_keeps_block_inputs_and_one_block() {
+        let s = Setup {
+            checkpointing: true,
+            ..setup()
+        };
+        let e = zero_overhead().estimate(&toy(), &s).unwrap();
+        // 4 blocks * hidden 100 + one block 1800 + head 600 = 2800 per token.
+        assert_eq!(e.activations, Bytes(200 * 2_800 * 4));
+    }
+
+    #[test]
+    fn lora_trains_only_adapters() {
+        let s = Setup {
+            adapters: Adapters::Lora {
+                rank: 8,
+                base: BaseFormat::Full,
+            },
+            ..setup()
+        };
+        let e = zero_overhead().estimate(&toy(), &s).unwrap();
+        assert_eq!(e.weights, Bytes(4_000_000));
+        assert_eq!(e.adapter_weights, Bytes(8_000 * 4));
+        assert_eq!(e.gradients, Bytes(8_000 * 4));
+        assert_eq!(e.optimizer_state, Bytes(2 * 8_000 * 4));
+        // + 8 * 10 LoRA elements per token.
+        assert_eq!(e.activations, Bytes(200 * (7_800 + 80) * 4));
+    }
+
+    #[test]
+    fn qlora_nf4_with_and_without_double_quant() {
+        let mk = |dq| Setup {
+            precision: Precision::Bf16,
+            adapters: Adapters::Lora {
+                rank: 8,
+                base: BaseFormat::Nf4 { double_quant: dq },
+            },
+            ..setup()
+        };
+        // Q = 640000: 320000 bytes of NF4, 10000 blocks.
+        // Single: 10000 * 4 = 40000 bytes of scales. Rest (360000 params) in bf16 = 720000.
+        let e = zero_overhead().estimate(&toy(), &mk(false)).unwrap();
+        assert_eq!(e.weights, Bytes(320_000 + 40_000 + 720_000));
+        // Double: 10000 one-byte scales + ceil(10000/256)=40 f32 = 10160.
+        let e2 = zero_overhead().estimate(&toy(), &mk(true)).unwrap();
+        assert_eq!(e2.weights, Bytes(320_000 + 10_160 + 720_000));
+        // One dequantized matrix in the transient term: 64000 * 2.
+        assert_eq!(
+            e2.transient,
+            Bytes(200 * 500 * 2 + 200 * 1_800 * 2 + 128_000)
+        );
+        assert_eq!(e2.master_weights, Bytes(8_000 * 4));
+    }
+
+    #[test]
+    fn disk_offload_keeps_only_the_window() {
+        let s = Setup {
+            offload: OffloadKind::Disk,
+            ..setup()
+        };
+        let e = zero_overhead().estimate(&toy(), &s).unwrap();
+        assert_eq!(e.optimizer_state, Bytes(1_000));
+        assert_eq!(zero_overhead().optimizer_state_bytes(&toy(), &s), 8_000_000);
+    }
+
+    #[test]
+    fn overhead_is_added() {
+        let m = MemoryModel::default();
+        let a = zero_overhead().estimate(&toy(), &setup()).unwrap();
+        let b = m.estimate(&toy(), &setup()).unwrap();
+        assert_eq!(b.peak.0 - a.peak.0, 256 << 20);
+    }
+
+    #[test]
+    fn invalid_inputs_are_errors() {
+        let mut p = toy();
+        p.quantizable_params = 2_000_000;
+        assert!(matches!(
+            zero_overhead().estimate(&p, &setup()),
+            Err(Error::Invalid {
+                field: "quantizable_params",
+                ..
+            })
+        ));
+        let s = Setup {
+            micro_batch: 0,
+            ..setup()
+        };
+        assert!(zero_overhead().estimate(&toy(), &s).is_err());
+    }
+
+    #[test]
+    fn precision_auto_follows_cpu() {
+        use eg_config::wire::Precision as P;
+        assert_eq!(
+            Precision::from_config(P::Auto, &["avx512_bf16".into()]),
+            Precision::Bf16
+        );
+        assert_eq!(
+            Precision::from_config(P::Auto, &["avx2".into()]),
+            Precision::F32
+        );
+        assert_eq!(Precision::from_config(P::F16, &[]), Precision::F16);
+    }
+}
