@@ -17,7 +17,8 @@
 //! - builds the Llama family (Llama 2/3 incl. llama3 RoPE scaling, Mistral, Qwen2 with q/k/v
 //!   bias; grouped-query attention; tied or untied embeddings) and GPT-2 on candle
 //!   [`candle_core::Var`]s held in a [`ParamStore`] under Hugging Face tensor names;
-//!   [`CausalLm`] picks the architecture from `config.json`'s `model_type`;
+//!   [`CausalLm`] picks the architecture from `config.json`'s `model_type`; and BERT
+//!   ([`Bert`]) with masked-LM, classification and mean-pooled embedding heads;
 //! - loads and saves Hugging Face directories ([`hf`]): `config.json` plus `model.safetensors`
 //!   or a sharded index, memory-mapped, with typed errors for every bad input, and resolves
 //!   the hf-hub cache layout offline;
@@ -48,6 +49,7 @@
 //! ```
 
 pub mod analysis;
+pub mod bert;
 pub mod builtin;
 pub mod causal_lm;
 pub mod config;
@@ -59,6 +61,7 @@ pub mod params;
 pub mod safetensors;
 
 pub use analysis::{Analysis, ModuleStats, analyze_llama};
+pub use bert::{Bert, BertConfig, BertHead};
 pub use causal_lm::CausalLm;
 pub use config::{LlamaConfig, ModelType, RopeScaling};
 pub use gpt2::{Gpt2, Gpt2Config};

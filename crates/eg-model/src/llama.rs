@@ -13,13 +13,14 @@ use crate::{Error, Result};
 const INIT_STD: f64 = 0.02;
 
 #[derive(Debug, Clone)]
-struct Linear {
-    weight: Tensor,
-    bias: Option<Tensor>,
+pub(crate) struct Linear {
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Option<Tensor>,
 }
 
 impl Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x @ weight^T + bias` over the last dimension of `x`.
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims();
         let inn = dims.last().copied().unwrap_or(1);
         let rows = x.elem_count() / inn.max(1);
