@@ -21,7 +21,8 @@
 //!   ([`Bert`]) with masked-LM, classification and mean-pooled embedding heads;
 //! - loads and saves Hugging Face directories ([`hf`]): `config.json` plus `model.safetensors`
 //!   or a sharded index, memory-mapped, with typed errors for every bad input, and resolves
-//!   the hf-hub cache layout offline;
+//!   the hf-hub cache layout offline; imports llama GGUF files ([`gguf`]), dequantized and
+//!   with llama.cpp's Q/K row permutation undone;
 //! - analyses a configuration ([`analysis`]): parameters, bytes, FLOPs and activation bytes
 //!   per token for each module, for the memory planner.
 //!
@@ -53,6 +54,7 @@ pub mod bert;
 pub mod builtin;
 pub mod causal_lm;
 pub mod config;
+pub mod gguf;
 pub mod gpt2;
 pub mod hf;
 pub mod llama;
@@ -64,6 +66,7 @@ pub use analysis::{Analysis, ModuleStats, analyze_llama};
 pub use bert::{Bert, BertConfig, BertHead};
 pub use causal_lm::CausalLm;
 pub use config::{LlamaConfig, ModelType, RopeScaling};
+pub use gguf::{GgufImport, import_gguf};
 pub use gpt2::{Gpt2, Gpt2Config};
 pub use llama::Llama;
 pub use params::ParamStore;
@@ -174,6 +177,14 @@ pub enum Error {
         /// What is wrong with it.
         defect: safetensors::Defect,
     },
+    /// A GGUF file is truncated or corrupt.
+    #[error("GGUF file {path:?} is invalid: {source}")]
+    Gguf {
+        /// The file.
+        path: PathBuf,
+        /// candle's reader error.
+        source: candle_core::Error,
+    },
     /// A directory holds neither `model.safetensors` nor `model.safetensors.index.json`.
     #[error("no safetensors weights in {dir:?}")]
     NoWeights {
@@ -208,11 +219,3 @@ pub enum Error {
 
 /// Result alias of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// Imports GGUF checkpoints. Not built yet: always returns [`Error::Unsupported`].
-pub fn import_gguf(_path: &std::path::Path) -> Result<Llama> {
-    Err(Error::Unsupported {
-        what: "GGUF import",
-        issue: 4,
-    })
-}

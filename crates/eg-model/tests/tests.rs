@@ -5,6 +5,8 @@
 mod bert;
 #[path = "it/common.rs"]
 mod common;
+#[path = "it/gguf.rs"]
+mod gguf;
 #[path = "it/gpt2.rs"]
 mod gpt2;
 #[path = "it/hf.rs"]
