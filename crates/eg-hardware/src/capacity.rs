@@ -196,6 +196,7 @@ pub fn probe_capacity(report: &HardwareReport, opts: &ProbeOptions) -> Result<Ca
 /// found a driver: candle's CUDA layer (cudarc) panics when the CUDA library is missing.
 pub fn measure(fingerprint: &str, budget: Duration, gpus: usize) -> Result<CapacityReport> {
     use candle_core::{DType, Device};
+    #[rustfmt::skip]
     const DTYPES: [(DType, &str); 3] = [
         (DType::F32, "f32"),
         (DType::BF16, "bf16"),
@@ -207,30 +208,21 @@ pub fn measure(fingerprint: &str, budget: Duration, gpus: usize) -> Result<Capac
         gemm.push(gemm_on(&Device::Cpu, "cpu", dtype, name, per_gemm)?);
     }
     for i in 0..gpus {
-        let label = format!("cuda:{i}");
-        match Device::new_cuda(i) {
-            Ok(dev) => {
-                for (dtype, name) in DTYPES {
-                    gemm.push(gemm_on(&dev, &label, dtype, name, per_gemm)?);
-                }
-            }
-            Err(e) => {
-                let note = if cfg!(feature = "cuda") {
-                    format!("CUDA device unavailable: {e}")
-                } else {
-                    "GPU GEMM needs eg-hardware's `cuda` feature".to_owned()
-                };
-                for (_, name) in DTYPES {
+        for (dtype, name) in DTYPES {
+            match gemm_cuda(i, dtype, name, per_gemm) {
+                Ok(f) => gemm.push(f),
+                Err(e @ (Error::FeatureDisabled { .. } | Error::Gemm { .. })) => {
                     gemm.push(GemmFigure {
-                        device: label.clone(),
+                        device: format!("cuda:{i}"),
                         dtype: name.into(),
                         n: 0,
                         iterations: 0,
                         seconds: 0.0,
                         gflops: None,
-                        note: Some(note.clone()),
+                        note: Some(e.to_string()),
                     });
                 }
+                Err(e) => return Err(e),
             }
         }
     }
@@ -246,6 +238,32 @@ pub fn measure(fingerprint: &str, budget: Duration, gpus: usize) -> Result<Capac
         memory_bandwidth_gb_s,
         from_cache: false,
     })
+}
+
+/// GEMM throughput on CUDA device `index`.
+///
+/// Without the `cuda` feature this returns [`Error::FeatureDisabled`]. With it, call it only
+/// when NVML reported a driver: candle links the CUDA driver library when built with `cuda`
+/// (cudarc's `dynamic-linking`), so there is no `is_culib_present` check to make here.
+pub fn gemm_cuda(
+    index: usize,
+    dtype: candle_core::DType,
+    name: &'static str,
+    budget: Duration,
+) -> Result<GemmFigure> {
+    if !cfg!(feature = "cuda") {
+        return Err(Error::FeatureDisabled {
+            what: "GEMM throughput on a GPU",
+            feature: "cuda",
+        });
+    }
+    let label = format!("cuda:{index}");
+    let dev = candle_core::Device::new_cuda(index).map_err(|source| Error::Gemm {
+        dtype: name,
+        device: label.clone(),
+        source,
+    })?;
+    gemm_on(&dev, &label, dtype, name, budget)
 }
 
 /// GFLOP/s of an `n×n · n×n` product in `dtype` on `dev`, timed for about `budget`. The

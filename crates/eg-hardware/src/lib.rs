@@ -58,7 +58,7 @@
 //! | `memory` | [`memory::MemoryReport`] | `total_bytes`, `available_bytes`, `swap_*`, `shm` (`total_bytes`, `available_bytes`), `cgroup` (`version`: `v1`/`v2`/`none`; `dir`; `limit` and `high`: `{"bytes": n}`, `"unlimited"` or `"unknown"`; `usage_bytes`), `effective_limit_bytes` (min of total, cgroup limit, high; `null` if the cgroup limit is unknown), `effective_available_bytes` |
 //! | `gpu` | [`gpu::GpuReport`] | `status` (`{"state": "available"}`, `{"state": "no_driver", "reason": ...}`, `failed`, `not_queried`), `driver_version`, `cuda_version`, `devices[]` (name, memory, compute capability, `bf16_native`, temperature, power W, clocks MHz, `throttle_reasons`, ECC, PCIe) |
 //! | `storage[]` | [`storage::StorageReport`] | per requested path: `mount_point`, `filesystem`, `device`, `disk`, `model`, `kind` (`nvme`, `ssd`, `hdd`, `network`, `tmpfs`, `virtual`, `unknown`), `total_bytes`, `free_bytes`, `bandwidth` (`write_mb_s`, `read_mb_s`, `bytes`, `direct_io`, `read_may_be_cached`) when probed |
-//! | `thermal` | [`thermal::ThermalReport`] | `sensors[]`: `source` (`hwmon`/`thermal_zone`), `chip`, `label`, `temperature_c`, `max_c`, `critical_c` |
+//! | `thermal` | [`thermal::ThermalReport`] | `sensors[]`: `source` (`hwmon`/`thermal_zone`/`nvml`), `chip`, `label`, `temperature_c`, `max_c`, `critical_c` |
 //! | `power` | [`thermal::PowerReport`] | `source` (`ac`/`battery`/`unknown`), `batteries[]`, `cpu_governor` |
 //! | `capacity` | [`capacity::CapacityReport`]? | present after a probe: `gemm[]` (`device`, `dtype`, `n`, `iterations`, `seconds`, `gflops`), `memory_bandwidth_gb_s`, `threads`, `fingerprint`, `measured_at_unix`, `from_cache` |
 //! | `fits[]` | [`capacity::FitEstimate`] | per device and strategy: `budget_bytes`, `bytes_per_param`, `max_params`, `rough: true` |
@@ -197,7 +197,17 @@ impl Detector {
             .iter()
             .map(|p| storage::detect(root, &mounts, p, &mut notes))
             .collect();
-        let thermal = thermal::detect_thermal(root, &mut notes);
+        let mut thermal = thermal::detect_thermal(root, &mut notes);
+        thermal
+            .sensors
+            .extend(gpu.devices.iter().map(|d| thermal::Sensor {
+                source: "nvml".to_owned(),
+                chip: d.name.clone().unwrap_or_else(|| "gpu".to_owned()),
+                label: format!("cuda:{}", d.index),
+                temperature_c: d.temperature_c.map(f64::from),
+                max_c: d.slowdown_temperature_c.map(f64::from),
+                critical_c: None,
+            }));
         let power = thermal::detect_power(root, &mut notes);
         let mut fits = capacity::rough_fits("cpu", memory.effective_limit_bytes);
         for d in &gpu.devices {

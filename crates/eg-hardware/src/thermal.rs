@@ -7,7 +7,7 @@ use crate::root::{self, Missing, Notes, Root};
 /// One temperature sensor.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Sensor {
-    /// `hwmon` or `thermal_zone`.
+    /// `hwmon`, `thermal_zone` or `nvml` (GPU core; `max_c` is its slowdown threshold).
     pub source: String,
     /// Chip or zone name (`coretemp`, `k10temp`, `nvme`, `x86_pkg_temp`, `acpitz`...).
     pub chip: String,

@@ -96,6 +96,23 @@ fn decoded_devices() {
     );
     let text = r.to_string();
     assert!(text.contains("NVIDIA A100-SXM4-80GB"), "{text}");
+    // GPU temperatures join the thermal sensors.
+    let gpu_sensor = r
+        .thermal
+        .sensors
+        .iter()
+        .find(|s| s.source == "nvml")
+        .unwrap();
+    assert_eq!(gpu_sensor.temperature_c, Some(41.0));
+    assert_eq!(gpu_sensor.max_c, Some(88.0));
+    assert_eq!(
+        r.thermal
+            .sensors
+            .iter()
+            .filter(|s| s.source == "nvml")
+            .count(),
+        3
+    );
 }
 
 #[test]

@@ -139,3 +139,31 @@ fn probe_budget_is_validated() {
         Err(Error::InvalidLimit { name: "budget", .. })
     ));
 }
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn gpu_gemm_without_the_cuda_feature_is_feature_disabled() {
+    let r = capacity::gemm_cuda(
+        0,
+        candle_core::DType::F32,
+        "f32",
+        Duration::from_millis(100),
+    );
+    assert!(matches!(
+        r,
+        Err(Error::FeatureDisabled {
+            feature: "cuda",
+            ..
+        })
+    ));
+    // measure() turns it into figures with a note, not an error.
+    let c = capacity::measure("fp", Duration::from_millis(400), 1).unwrap();
+    let gpu: Vec<_> = c.gemm.iter().filter(|g| g.device == "cuda:0").collect();
+    assert_eq!(gpu.len(), 3);
+    assert!(gpu.iter().all(|g| {
+        g.gflops.is_none()
+            && g.note
+                .as_deref()
+                .is_some_and(|n| n.contains("`cuda` feature"))
+    }));
+}

@@ -239,7 +239,10 @@ fn cgroup_v2_group_without_a_mounted_hierarchy_is_unknown() {
     };
     w("proc/meminfo", "MemTotal: 1000 kB\nMemAvailable: 500 kB\n");
     w("proc/self/cgroup", "0::/\n");
-    w("proc/self/mountinfo", "1 0 8:1 / / rw - ext4 /dev/sda1 rw\n");
+    w(
+        "proc/self/mountinfo",
+        "1 0 8:1 / / rw - ext4 /dev/sda1 rw\n",
+    );
     let r = Detector::new(Root::new(dir.path())).detect();
     assert_eq!(r.memory.cgroup.version, CgroupVersion::V2);
     assert_eq!(r.memory.cgroup.limit, Limit::Unknown);
