@@ -17,3 +17,5 @@ mod model;
 mod ops;
 #[path = "it/parity.rs"]
 mod parity;
+#[path = "it/real_assets.rs"]
+mod real_assets;
