@@ -3,7 +3,32 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
+use crate::mounts::Mount;
 use crate::root::{self, Missing, Notes, Root};
+
+/// A CPU bandwidth limit from the cgroup (`cpu.max` in v2, `cpu.cfs_quota_us` /
+/// `cpu.cfs_period_us` in v1), tightest over the group and its ancestors.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CpuQuota {
+    /// At most this many CPUs' worth of time (quota / period), e.g. `1.5`.
+    Cores(f64),
+    /// No quota is set, or the process is in no CPU cgroup.
+    Unlimited,
+    /// The quota could not be read or parsed (a warning says why).
+    Unknown,
+}
+
+impl CpuQuota {
+    fn tighter(self, other: CpuQuota) -> CpuQuota {
+        match (self, other) {
+            (CpuQuota::Cores(a), CpuQuota::Cores(b)) => CpuQuota::Cores(a.min(b)),
+            (CpuQuota::Cores(a), _) | (_, CpuQuota::Cores(a)) => CpuQuota::Cores(a),
+            (CpuQuota::Unknown, _) | (_, CpuQuota::Unknown) => CpuQuota::Unknown,
+            _ => CpuQuota::Unlimited,
+        }
+    }
+}
 
 /// The instruction-set family, as seen from the layout of `/proc/cpuinfo`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +75,8 @@ pub struct CpuReport {
     pub sockets: Option<u32>,
     /// NUMA nodes online.
     pub numa_nodes: Option<u32>,
+    /// CPU time limit of this process's cgroup.
+    pub cgroup_quota: CpuQuota,
     /// Caches seen by CPU 0, by level.
     pub caches: Vec<CacheInfo>,
     /// Kernel-relevant ISA features present, by their canonical names (see
@@ -190,7 +217,7 @@ fn parse_size(text: &str) -> Option<u64> {
 }
 
 /// Reads the CPU part of the report under `root`.
-pub(crate) fn detect(root: &Root, notes: &mut Notes) -> CpuReport {
+pub(crate) fn detect(root: &Root, mounts: &[Mount], notes: &mut Notes) -> CpuReport {
     let blocks = root::read(root, "/proc/cpuinfo", Missing::Warn, notes)
         .map(|t| parse_cpuinfo(&t))
         .unwrap_or_default();
@@ -282,6 +309,7 @@ pub(crate) fn detect(root: &Root, notes: &mut Notes) -> CpuReport {
         physical_cores,
         sockets,
         numa_nodes,
+        cgroup_quota: quota(root, mounts, notes),
         caches,
         features,
         current_mhz,
@@ -389,6 +417,125 @@ fn caches(root: &Root, notes: &mut Notes) -> Vec<CacheInfo> {
     out
 }
 
+/// Parses v2 `cpu.max` (`max 100000` or `150000 100000`).
+fn parse_cpu_max(text: &str, shown: &str, notes: &mut Notes) -> CpuQuota {
+    let mut it = text.split_whitespace();
+    match (it.next(), it.next().map(str::parse::<u64>)) {
+        (Some("max"), _) => CpuQuota::Unlimited,
+        (Some(q), Some(Ok(p))) if p > 0 => match q.parse::<u64>() {
+            Ok(q) => CpuQuota::Cores(q as f64 / p as f64),
+            Err(_) => bad_quota(text, shown, notes),
+        },
+        _ => bad_quota(text, shown, notes),
+    }
+}
+
+fn bad_quota(text: &str, shown: &str, notes: &mut Notes) -> CpuQuota {
+    notes.warn(format!(
+        "{shown}: cannot parse CPU quota {:?}: unknown",
+        root::shorten(text.trim())
+    ));
+    CpuQuota::Unknown
+}
+
+/// The tightest CPU quota over the process's cgroup and its ancestors.
+fn quota(root: &Root, mounts: &[Mount], notes: &mut Notes) -> CpuQuota {
+    let Some(text) = root::read(root, "/proc/self/cgroup", Missing::Quiet, notes) else {
+        return CpuQuota::Unlimited;
+    };
+    let mut v1 = None;
+    let mut v2 = None;
+    for line in text.lines() {
+        let mut it = line.splitn(3, ':');
+        if let (Some(id), Some(ctrls), Some(path)) = (it.next(), it.next(), it.next()) {
+            if ctrls.split(',').any(|c| c == "cpu") {
+                v1 = Some(path.to_owned());
+            } else if id == "0" && ctrls.is_empty() {
+                v2 = Some(path.to_owned());
+            }
+        }
+    }
+    // (directory, mount point, is v1)
+    let found = if let Some(path) = v1 {
+        mounts
+            .iter()
+            .rev()
+            .find(|m| m.fs_type == "cgroup" && m.super_options.split(',').any(|o| o == "cpu"))
+            .map(|m| {
+                (
+                    crate::memory::group_dir(m, &path, notes),
+                    m.mount_point.clone(),
+                    true,
+                )
+            })
+    } else if let Some(path) = v2 {
+        mounts
+            .iter()
+            .rev()
+            .find(|m| m.fs_type == "cgroup2")
+            .map(|m| {
+                (
+                    crate::memory::group_dir(m, &path, notes),
+                    m.mount_point.clone(),
+                    false,
+                )
+            })
+    } else {
+        return CpuQuota::Unlimited;
+    };
+    let Some((dir, top, is_v1)) = found else {
+        return CpuQuota::Unlimited;
+    };
+    let top = top.trim_end_matches('/');
+    let mut cur = dir.trim_end_matches('/').to_owned();
+    let mut q = CpuQuota::Unlimited;
+    loop {
+        let here = if is_v1 {
+            let quota = root::read(
+                root,
+                &format!("{cur}/cpu.cfs_quota_us"),
+                Missing::Quiet,
+                notes,
+            );
+            let period = root::read(
+                root,
+                &format!("{cur}/cpu.cfs_period_us"),
+                Missing::Quiet,
+                notes,
+            );
+            match (quota, period) {
+                (Some(qt), Some(pt)) => {
+                    match (qt.trim().parse::<i64>(), pt.trim().parse::<u64>()) {
+                        (Ok(qv), _) if qv < 0 => CpuQuota::Unlimited,
+                        (Ok(qv), Ok(pv)) if pv > 0 => CpuQuota::Cores(qv as f64 / pv as f64),
+                        _ => bad_quota(
+                            &format!("{} / {}", qt.trim(), pt.trim()),
+                            &format!("{cur}/cpu.cfs_quota_us"),
+                            notes,
+                        ),
+                    }
+                }
+                _ => CpuQuota::Unlimited,
+            }
+        } else {
+            let shown = format!("{cur}/cpu.max");
+            match root::read(root, &shown, Missing::Quiet, notes) {
+                Some(t) => parse_cpu_max(&t, &shown, notes),
+                None => CpuQuota::Unlimited,
+            }
+        };
+        q = q.tighter(here);
+        if cur.len() <= top.len() {
+            break;
+        }
+        match cur.rfind('/') {
+            Some(i) if i >= top.len() => cur.truncate(i),
+            _ => break,
+        }
+    }
+    q
+}
+
 /// CPUs in this process's affinity mask (what `nproc` prints).
 fn affinity_count() -> Option<u32> {
     // SAFETY: `cpu_set_t` is plain data; zeroed is a valid empty set, and
@@ -405,6 +552,23 @@ fn affinity_count() -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_max() {
+        let mut n = Notes::default();
+        assert_eq!(
+            parse_cpu_max("max 100000\n", "f", &mut n),
+            CpuQuota::Unlimited
+        );
+        assert_eq!(
+            parse_cpu_max("150000 100000\n", "f", &mut n),
+            CpuQuota::Cores(1.5)
+        );
+        assert!(n.warnings.is_empty());
+        assert_eq!(parse_cpu_max("lots", "f", &mut n), CpuQuota::Unknown);
+        assert_eq!(parse_cpu_max("1 0", "f", &mut n), CpuQuota::Unknown);
+        assert_eq!(n.warnings.len(), 2);
+    }
 
     #[test]
     fn sizes() {

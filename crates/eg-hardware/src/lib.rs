@@ -54,7 +54,7 @@
 //! |---|---|---|
 //! | `schema_version` | integer | [`SCHEMA_VERSION`]; bumped on any incompatible change |
 //! | `hostname`, `kernel` | string? | `/proc/sys/kernel/{hostname,osrelease}` |
-//! | `cpu` | [`cpu::CpuReport`] | `isa` (`x86`/`arm`/`unknown`), `vendor`, `model`, `logical_cores`, `usable_cores` (affinity, = `nproc`), `physical_cores`, `sockets`, `numa_nodes`, `caches[]` (`level`, `kind`, `size_bytes`, `shared_by_cpus`), `features` (canonical names from [`cpu::KERNEL_FEATURES`], `null` if unreadable), `current_mhz`, `max_mhz` |
+//! | `cpu` | [`cpu::CpuReport`] | `isa` (`x86`/`arm`/`unknown`), `vendor`, `model`, `logical_cores`, `usable_cores` (affinity, = `nproc`), `physical_cores`, `sockets`, `numa_nodes`, `cgroup_quota` (`{"cores": 1.5}`, `"unlimited"`, `"unknown"`), `caches[]` (`level`, `kind`, `size_bytes`, `shared_by_cpus`), `features` (canonical names from [`cpu::KERNEL_FEATURES`], `null` if unreadable), `current_mhz`, `max_mhz` |
 //! | `memory` | [`memory::MemoryReport`] | `total_bytes`, `available_bytes`, `swap_*`, `shm` (`total_bytes`, `available_bytes`), `cgroup` (`version`: `v1`/`v2`/`none`; `dir`; `limit` and `high`: `{"bytes": n}`, `"unlimited"` or `"unknown"`; `usage_bytes`), `effective_limit_bytes` (min of total, cgroup limit, high; `null` if the cgroup limit is unknown), `effective_available_bytes` |
 //! | `gpu` | [`gpu::GpuReport`] | `status` (`{"state": "available"}`, `{"state": "no_driver", "reason": ...}`, `failed`, `not_queried`), `driver_version`, `cuda_version`, `devices[]` (name, memory, compute capability, `bf16_native`, temperature, power W, clocks MHz, `throttle_reasons`, ECC, PCIe) |
 //! | `storage[]` | [`storage::StorageReport`] | per requested path: `mount_point`, `filesystem`, `device`, `disk`, `model`, `kind` (`nvme`, `ssd`, `hdd`, `network`, `tmpfs`, `virtual`, `unknown`), `total_bytes`, `free_bytes`, `bandwidth` (`write_mb_s`, `read_mb_s`, `bytes`, `direct_io`, `read_may_be_cached`) when probed |
@@ -179,7 +179,7 @@ impl Detector {
         let mut notes = root::Notes::default();
         let root = &self.root;
         let mounts = mounts::read(root, &mut notes);
-        let cpu = cpu::detect(root, &mut notes);
+        let cpu = cpu::detect(root, &mounts, &mut notes);
         let memory = memory::detect(root, &mounts, &mut notes);
         let gpu = match &self.gpu {
             GpuQuery::Skip => gpu::GpuReport {

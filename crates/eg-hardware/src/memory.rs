@@ -179,7 +179,7 @@ pub(crate) fn parse_v1_limit(text: &str, shown: &str, notes: &mut Notes) -> Limi
 }
 
 /// Where the process's group lives: mount point + path relative to the mount's root.
-fn group_dir(mount: &Mount, cgroup_path: &str, notes: &mut Notes) -> String {
+pub(crate) fn group_dir(mount: &Mount, cgroup_path: &str, notes: &mut Notes) -> String {
     let mroot = mount.root.trim_end_matches('/');
     let rel = if mroot.is_empty() {
         cgroup_path.to_owned()

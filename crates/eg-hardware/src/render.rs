@@ -74,6 +74,13 @@ impl Display for HardwareReport {
             opt(c.sockets),
             opt(c.numa_nodes)
         )?;
+        match c.cgroup_quota {
+            crate::cpu::CpuQuota::Cores(q) => {
+                writeln!(f, "          cgroup CPU quota: {q:.2} CPUs")?
+            }
+            crate::cpu::CpuQuota::Unknown => writeln!(f, "          cgroup CPU quota: unknown")?,
+            crate::cpu::CpuQuota::Unlimited => {}
+        }
         if !c.caches.is_empty() {
             let caches: Vec<String> = c
                 .caches

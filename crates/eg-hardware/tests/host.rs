@@ -47,6 +47,8 @@ fn cores_match_nproc() {
     assert_eq!(r.cpu.usable_cores, Some(nproc));
     let all: u32 = run("nproc", &["--all"]).trim().parse().unwrap();
     assert_eq!(r.cpu.logical_cores, Some(all));
+    // This machine's process runs in the root CPU group (cfs_quota_us = -1).
+    assert_eq!(r.cpu.cgroup_quota, eg_hardware::cpu::CpuQuota::Unlimited);
     let phys = r.cpu.physical_cores.unwrap();
     assert!(phys >= 1 && phys <= all);
 }

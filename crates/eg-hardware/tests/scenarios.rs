@@ -1,7 +1,7 @@
 //! Fixture scenarios.
 
 use eg_hardware::capacity::Strategy;
-use eg_hardware::cpu::IsaFamily;
+use eg_hardware::cpu::{CpuQuota, IsaFamily};
 use eg_hardware::memory::{CgroupVersion, Limit};
 use eg_hardware::storage::StorageKind;
 use eg_hardware::thermal::PowerSource;
@@ -68,6 +68,7 @@ fn cgroup_v2_container_with_4_gib_limit_on_256_gib_host() {
     assert_eq!(r.cpu.has("sve"), Some(false));
     assert_eq!(r.cpu.logical_cores, Some(4));
     assert_eq!(r.cpu.caches.len(), 4);
+    assert_eq!(r.cpu.cgroup_quota, CpuQuota::Cores(2.0));
     assert_eq!(r.cpu.caches[3].size_bytes, Some(107_520 * 1024));
     // Fixture roots make no system calls: free space and affinity are unknown, not the host's.
     assert_eq!(r.cpu.usable_cores, None);
@@ -89,6 +90,7 @@ fn cgroup_v2_limit_on_an_ancestor_and_high_on_the_leaf() {
     );
     assert_eq!(cg.limit, Limit::Bytes(8 * GIB));
     assert_eq!(cg.high, Limit::Bytes(6 * GIB));
+    assert_eq!(r.cpu.cgroup_quota, CpuQuota::Cores(4.0));
     assert_eq!(r.memory.effective_limit_bytes, Some(6 * GIB));
     assert_eq!(r.memory.effective_available_bytes, Some(4 * GIB));
     assert!(r.warnings.is_empty(), "{:?}", r.warnings);
@@ -103,6 +105,7 @@ fn cgroup_v1_container() {
     assert_eq!(cg.dir.as_deref(), Some("/sys/fs/cgroup/memory"));
     assert_eq!(cg.limit, Limit::Bytes(2 * GIB));
     assert_eq!(cg.usage_bytes, Some(512 << 20));
+    assert_eq!(r.cpu.cgroup_quota, CpuQuota::Cores(1.5));
     assert_eq!(r.memory.effective_limit_bytes, Some(2 * GIB));
     assert_eq!(r.memory.effective_available_bytes, Some(1536 << 20));
     // No sysfs topology here: physical cores come from /proc/cpuinfo core ids.
@@ -176,6 +179,7 @@ fn server_without_sensors_says_so() {
     assert!(r.power.batteries.is_empty());
     assert_eq!(r.power.cpu_governor, None);
     assert_eq!(r.cpu.sockets, Some(2));
+    assert_eq!(r.cpu.cgroup_quota, CpuQuota::Unlimited);
     assert_eq!(r.cpu.numa_nodes, Some(2));
     assert_eq!(r.cpu.physical_cores, Some(8));
     assert_eq!(r.cpu.has("amx_tile"), Some(false));
@@ -261,6 +265,8 @@ fn malformed_files_give_unknown_and_warnings_never_zero_or_panic() {
     assert_eq!(r.cpu.features, None);
     assert_eq!(r.cpu.has("avx2"), None);
     assert!(warned(&r, "flags"), "{:?}", r.warnings);
+    assert_eq!(r.cpu.cgroup_quota, CpuQuota::Unknown);
+    assert!(warned(&r, "cpu.max"), "{:?}", r.warnings);
     // Garbage in memory.max: limit unknown, so the effective budget is unknown (not MemTotal,
     // not 0).
     assert_eq!(r.memory.cgroup.limit, Limit::Unknown);
