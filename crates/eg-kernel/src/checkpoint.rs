@@ -34,13 +34,16 @@ const CURSOR: &str = "cursor.json";
 const CONFIG: &str = "config.toml";
 const REQUIRED: [&str; 4] = [MODEL, OPTIMIZER, TRAINER, CURSOR];
 
+/// Named f32 buffers: shape and values.
+pub type NamedBuffers = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// Everything a checkpoint holds, owned (so it can be written on another thread).
 #[derive(Debug, Clone)]
 pub struct CheckpointData {
     /// Optimizer steps done.
     pub step: u64,
     /// Weights by name: shape and values.
-    pub weights: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    pub weights: NamedBuffers,
     /// Optimizer state.
     pub optimizer: OptimizerState,
     /// The trainer's state (JSON).
@@ -84,7 +87,7 @@ pub fn step_dir_name(step: u64) -> String {
     format!("step-{step:08}")
 }
 
-fn tensors_of(map: &BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> Result<BTreeMap<String, Tensor>> {
+fn tensors_of(map: &NamedBuffers) -> Result<BTreeMap<String, Tensor>> {
     let mut out = BTreeMap::new();
     for (name, (shape, v)) in map {
         out.insert(
@@ -196,12 +199,7 @@ pub fn verify(dir: &Path) -> Result<Manifest> {
     Ok(m)
 }
 
-fn read_f32_map(
-    path: &Path,
-) -> Result<(
-    BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-    BTreeMap<String, String>,
-)> {
+fn read_f32_map(path: &Path) -> Result<(NamedBuffers, BTreeMap<String, String>)> {
     let f = eg_model::safetensors::SafetensorsFile::open(path)?;
     let mut out = BTreeMap::new();
     for name in f.tensors().keys() {
@@ -294,7 +292,7 @@ pub fn list(root: &Path) -> Vec<(u64, PathBuf)> {
             }
         }
     }
-    out.sort_by(|a, b| b.0.cmp(&a.0));
+    out.sort_by_key(|b| std::cmp::Reverse(b.0));
     out
 }
 

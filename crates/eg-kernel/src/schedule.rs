@@ -142,7 +142,7 @@ mod tests {
         let l = s(Shape::Linear, 2, 12);
         close(l.lr(2), 1.0);
         close(l.lr(11), 0.1);
-        close(l.lr(2 + 9 / 3 * 1), 1.0 - 0.9 * (3.0 / 9.0));
+        close(l.lr(2 + 3), 1.0 - 0.9 * (3.0 / 9.0));
         close(l.lr(50), 0.1);
         let c = s(Shape::Cosine, 2, 12);
         close(c.lr(2), 1.0);

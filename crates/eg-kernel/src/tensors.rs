@@ -38,9 +38,11 @@ pub(crate) fn to_vec_f32(name: &str, t: &Tensor) -> Result<Vec<f32>> {
     with_f32(name, t, |s| s.to_vec())
 }
 
+type Update<'a> = Box<dyn FnOnce(&mut [f32]) + 'a>;
+
 struct InPlace<'a> {
     name: &'a str,
-    f: std::cell::RefCell<Option<Box<dyn FnOnce(&mut [f32]) + 'a>>>,
+    f: std::cell::RefCell<Option<Update<'a>>>,
 }
 
 impl InplaceOp1 for InPlace<'_> {

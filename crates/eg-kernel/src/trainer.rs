@@ -681,7 +681,7 @@ impl<M: TrainModel> Trainer<M> {
             let at_end = s >= self.opts.max_steps;
             let mut early = false;
             if self.eval.is_some()
-                && ((self.opts.eval_every > 0 && s % self.opts.eval_every == 0) || at_end)
+                && ((self.opts.eval_every > 0 && s.is_multiple_of(self.opts.eval_every)) || at_end)
             {
                 let e = self.evaluate()?;
                 early = self
@@ -695,10 +695,10 @@ impl<M: TrainModel> Trainer<M> {
                 .opts
                 .checkpoints
                 .as_ref()
-                .is_some_and(|c| s % c.every == 0 || at_end || stop || early);
+                .is_some_and(|c| s.is_multiple_of(c.every) || at_end || stop || early);
             if ckpt_due {
                 self.save_checkpoint(last_eval.as_ref().filter(|e| e.step == s).map(|e| e.loss))?;
-            } else if self.opts.snapshot_every > 0 && s % self.opts.snapshot_every == 0 {
+            } else if self.opts.snapshot_every > 0 && s.is_multiple_of(self.opts.snapshot_every) {
                 self.snapshot = Some(self.capture()?);
             }
             if stop || early {

@@ -68,7 +68,7 @@ fn adamw_matches_pytorch_formula() {
 fn sgd_momentum_matches_reference() {
     let (lr, wd, mu) = (0.1, 0.01, 0.9);
     let mut w: Vec<f64> = W0.iter().map(|&x| f64::from(x)).collect();
-    let mut buf = vec![0.0; 4];
+    let mut buf = [0.0; 4];
     for g in GRADS {
         for k in 0..4 {
             let gk = f64::from(g[k]) + wd * w[k];
@@ -83,7 +83,7 @@ fn sgd_momentum_matches_reference() {
 fn lion_matches_reference() {
     let (lr, wd, b1, b2) = (0.01, 0.1, 0.9, 0.99);
     let mut w: Vec<f64> = W0.iter().map(|&x| f64::from(x)).collect();
-    let mut m = vec![0.0; 4];
+    let mut m = [0.0; 4];
     for g in GRADS {
         for k in 0..4 {
             let gk = f64::from(g[k]);
