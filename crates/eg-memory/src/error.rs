@@ -25,6 +25,8 @@ pub enum Suggestion {
     Lora {
         /// Adapter rank assumed for the prediction.
         rank: u32,
+        /// Whether it also needs activation checkpointing (configured off).
+        with_checkpointing: bool,
         /// Predicted peak with it.
         peak: Bytes,
     },
@@ -32,6 +34,8 @@ pub enum Suggestion {
     Qlora {
         /// Adapter rank assumed for the prediction.
         rank: u32,
+        /// Whether it also needs activation checkpointing (configured off).
+        with_checkpointing: bool,
         /// Predicted peak with it.
         peak: Bytes,
     },
@@ -39,6 +43,8 @@ pub enum Suggestion {
     ShorterSequences {
         /// The longest sequence length (a power-of-two fraction of the current one) that fits.
         seq_len: u32,
+        /// Whether it also needs activation checkpointing (configured off).
+        with_checkpointing: bool,
         /// Predicted peak with it.
         peak: Bytes,
     },
@@ -63,23 +69,50 @@ impl fmt::Display for Suggestion {
                     "optimizer offload to disk (memory.offload=disk): peak {peak}"
                 )
             }
-            Suggestion::Lora { rank, peak } => {
-                write!(
-                    f,
-                    "LoRA rank {rank} on a frozen base ([model.lora]): peak {peak}"
-                )
-            }
-            Suggestion::Qlora { rank, peak } => write!(
+            Suggestion::Lora {
+                rank,
+                with_checkpointing,
+                peak,
+            } => write!(
                 f,
-                "QLoRA: LoRA rank {rank} on an NF4 base (model.quantization=nf4): peak {peak}"
+                "LoRA rank {rank} on a frozen base ([model.lora]){}: peak {peak}",
+                Also(*with_checkpointing)
             ),
-            Suggestion::ShorterSequences { seq_len, peak } => {
-                write!(f, "shorter sequences (data.seq_len={seq_len}): peak {peak}")
-            }
+            Suggestion::Qlora {
+                rank,
+                with_checkpointing,
+                peak,
+            } => write!(
+                f,
+                "QLoRA: LoRA rank {rank} on an NF4 base (model.quantization=nf4){}: peak {peak}",
+                Also(*with_checkpointing)
+            ),
+            Suggestion::ShorterSequences {
+                seq_len,
+                with_checkpointing,
+                peak,
+            } => write!(
+                f,
+                "shorter sequences (data.seq_len={seq_len}){}: peak {peak}",
+                Also(*with_checkpointing)
+            ),
             Suggestion::MoreMemory { by } => write!(
                 f,
                 "{by} more memory (memory.budget_fraction, memory.limit, memory.reserve, or a bigger machine/cgroup)"
             ),
+        }
+    }
+}
+
+/// ` with activation checkpointing` when a suggestion needs it too.
+struct Also(bool);
+
+impl fmt::Display for Also {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0 {
+            f.write_str(" with activation checkpointing")
+        } else {
+            Ok(())
         }
     }
 }

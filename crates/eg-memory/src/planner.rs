@@ -155,6 +155,32 @@ pub struct PlanRequest {
 }
 
 impl PlanRequest {
+    /// The default [`PlanRequest::headroom`]: 10 % of the budget left free.
+    pub const DEFAULT_HEADROOM: f64 = 0.1;
+
+    /// A request from the validated configuration: `train.batch` (global tokens, fixed
+    /// micro-batch), `data.seq_len`, `train.precision.compute` (`auto` resolved with the
+    /// CPU's features), `train.optimizer`, `[model.lora]` and `model.quantization`,
+    /// `memory.activation_checkpointing` and `memory.offload`.
+    pub fn from_config(
+        config: &eg_config::Config,
+        profile: ModelProfile,
+        cpu_features: &[String],
+    ) -> PlanRequest {
+        PlanRequest {
+            profile,
+            precision: Precision::from_config(config.train.precision.compute, cpu_features),
+            optimizer: Optimizer::from_config(&config.train.optimizer),
+            adapters: Adapters::from_config(&config.model),
+            global_tokens: config.train.batch.global_tokens.0,
+            seq_len: config.data.seq_len.0,
+            micro_batch: config.train.batch.micro_batch.map(|m| m.get()),
+            checkpointing: config.memory.activation_checkpointing,
+            offload: OffloadChoice::from_config(&config.memory.offload),
+            headroom: Self::DEFAULT_HEADROOM,
+        }
+    }
+
     /// Global batch in sequences: `global_tokens / seq_len`, which must be whole.
     pub fn global_sequences(&self) -> Result<u32> {
         let bad = |reason| Error::InvalidBatch {
@@ -536,6 +562,20 @@ fn does_not_fit(
         Adapters::Lora { rank, .. } => rank,
         Adapters::None => SUGGESTED_LORA_RANK,
     };
+    // Within the request's choices first; else also with checkpointing (configured off).
+    let first_fit = |s: Setup| -> Option<(Bytes, bool)> {
+        fits(&s).map(|p| (p, false)).or_else(|| {
+            (!s.checkpointing)
+                .then(|| {
+                    fits(&Setup {
+                        checkpointing: true,
+                        ..s
+                    })
+                })
+                .flatten()
+                .map(|p| (p, true))
+        })
+    };
     if req.adapters == Adapters::None && req.profile.lora_params_per_rank > 0 {
         let s = Setup {
             adapters: Adapters::Lora {
@@ -544,8 +584,12 @@ fn does_not_fit(
             },
             ..leanest
         };
-        if let Some(peak) = fits(&s) {
-            suggestions.push(Suggestion::Lora { rank, peak });
+        if let Some((peak, with_checkpointing)) = first_fit(s) {
+            suggestions.push(Suggestion::Lora {
+                rank,
+                with_checkpointing,
+                peak,
+            });
         }
     }
     let is_nf4 = matches!(
@@ -563,8 +607,12 @@ fn does_not_fit(
             },
             ..leanest
         };
-        if let Some(peak) = fits(&s) {
-            suggestions.push(Suggestion::Qlora { rank, peak });
+        if let Some((peak, with_checkpointing)) = first_fit(s) {
+            suggestions.push(Suggestion::Qlora {
+                rank,
+                with_checkpointing,
+                peak,
+            });
         }
     }
     let mut seq = req.seq_len / 2;
@@ -573,8 +621,12 @@ fn does_not_fit(
             seq_len: seq,
             ..leanest
         };
-        if let Some(peak) = fits(&s) {
-            suggestions.push(Suggestion::ShorterSequences { seq_len: seq, peak });
+        if let Some((peak, with_checkpointing)) = first_fit(s) {
+            suggestions.push(Suggestion::ShorterSequences {
+                seq_len: seq,
+                with_checkpointing,
+                peak,
+            });
             break;
         }
         seq /= 2;

@@ -287,7 +287,7 @@ mod tests {
         let seq: Vec<Reading> = (0..20)
             .map(|i| r(i * 500, if i % 2 == 0 { 0.86 } else { 0.84 }))
             .collect();
-        assert!(run(&seq).iter().skip(0).all(|l| *l == Elevated));
+        assert!(run(&seq).iter().all(|l| *l == Elevated));
     }
 
     #[test]
