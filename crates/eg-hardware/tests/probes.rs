@@ -167,3 +167,47 @@ fn gpu_gemm_without_the_cuda_feature_is_feature_disabled() {
                 .is_some_and(|n| n.contains("`cuda` feature"))
     }));
 }
+
+/// Unmounts the small tmpfs when dropped.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A write that fails half way (a 2 MiB tmpfs fills up) returns an error naming the file, and
+/// the probe file is removed anyway. Needs root (it mounts a small tmpfs).
+#[test]
+fn storage_probe_cleans_up_after_a_failed_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(dir.path())
+        .status()
+        .expect("this test needs the `mount` command");
+    assert!(
+        status.success(),
+        "this test needs root to mount a 2 MiB tmpfs at {} (it fills it up to make the probe fail)",
+        dir.path().display()
+    );
+    let _mounted = Mounted(dir.path().to_path_buf());
+    let limits = BandwidthLimits {
+        max_bytes: 64 << 20,
+        max_duration: Duration::from_secs(5),
+    };
+    let err = storage::measure_bandwidth(dir.path(), limits).unwrap_err();
+    match &err {
+        Error::Io { op, path, .. } => {
+            assert!(matches!(*op, "write" | "fsync"), "{err}");
+            assert!(path.starts_with(dir.path()), "{err}");
+        }
+        other => panic!("expected an I/O error, got {other}"),
+    }
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "probe file left behind after an error"
+    );
+}
