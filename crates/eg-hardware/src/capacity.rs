@@ -401,8 +401,19 @@ impl Strategy {
     }
 }
 
+impl std::fmt::Display for Strategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Strategy::FullF32 => "full f32",
+            Strategy::Bf16MixedF32Master => "bf16 + f32 master",
+            Strategy::Lora => "LoRA (bf16 base)",
+            Strategy::Qlora => "QLoRA (NF4 base)",
+        })
+    }
+}
+
 /// What this estimate leaves out. Printed with every fit figure.
-pub const FIT_NOTE: &str = "rough: weights + gradients + AdamW state only, with 25% of the \
+pub const FIT_NOTE: &str = "ROUGH estimate: weights + gradients + AdamW state only, with 25% of the \
 budget held back for activations, buffers and fragmentation; the memory planner refines this \
 for a given sequence length and batch";
 

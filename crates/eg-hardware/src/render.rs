@@ -302,13 +302,17 @@ impl Display for HardwareReport {
         }
 
         if !self.fits.is_empty() {
-            writeln!(f, "Fits      ({})", crate::capacity::FIT_NOTE)?;
+            writeln!(
+                f,
+                "Fits      largest model, ROUGH ({})",
+                crate::capacity::FIT_NOTE
+            )?;
             for e in &self.fits {
                 writeln!(
                     f,
                     "          {:<7} {:<22} {} with {}",
                     e.device,
-                    format!("{:?}", e.strategy),
+                    e.strategy.to_string(),
                     params(e.max_params),
                     bytes(e.budget_bytes)
                 )?;
