@@ -34,6 +34,14 @@ fn fwd_bwd(f: &dyn Fn(&Tensor) -> Tensor, x: &Var) -> f64 {
 
 fn main() {
     println!("threads: {}", candle_core::utils::get_num_threads());
+    let only_step = std::env::args().any(|a| a == "step");
+    if !only_step {
+        ops_timings();
+    }
+    train_step();
+}
+
+fn ops_timings() {
     // RMSNorm on [8*256, 256].
     let x = Var::from_tensor(&randn(&[2048, 256])).unwrap();
     let w = randn(&[256]);
@@ -116,7 +124,9 @@ fn main() {
         fused * 1e3,
         comp * 1e3
     );
+}
 
+fn train_step() {
     // One training step: h256, 4 layers, 8 heads, vocab 6144, seq 256, batch 8.
     let cfg = LlamaConfig {
         hidden_size: 256,

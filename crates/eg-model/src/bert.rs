@@ -532,9 +532,9 @@ impl Bert {
         let hd = h / nh;
         let eps = self.cfg.layer_norm_eps;
         let dev = ids.device();
-        let flat = ids.flatten_all()?.to_dtype(DType::U32)?;
+        let flat = crate::params::checked_ids(ids, self.cfg.vocab_size)?;
         let tt = match token_type_ids {
-            Some(tt) => tt.flatten_all()?.to_dtype(DType::U32)?,
+            Some(tt) => crate::params::checked_ids(tt, self.cfg.type_vocab_size)?,
             None => Tensor::zeros(b * t, DType::U32, dev)?,
         };
         let x = (self.word.index_select(&flat, 0)? + self.token_type.index_select(&tt, 0)?)?

@@ -373,7 +373,7 @@ impl Gpt2 {
             });
         }
         let e = self.cfg.n_embd;
-        let flat = ids.flatten_all()?.to_dtype(DType::U32)?;
+        let flat = crate::params::checked_ids(ids, self.cfg.vocab_size)?;
         let tok = self.wte.index_select(&flat, 0)?.reshape((b, t, e))?;
         let pos = self.wpe.narrow(0, 0, t)?;
         let mut x = tok.broadcast_add(&pos)?;

@@ -111,6 +111,14 @@ pub enum Error {
         /// The number of classes.
         vocab: usize,
     },
+    /// A token id is outside the embedding table.
+    #[error("token id {id} is outside the vocabulary of {vocab}")]
+    TokenOutOfRange {
+        /// The id.
+        id: i64,
+        /// The table's size.
+        vocab: usize,
+    },
     /// A label is neither a token id nor the ignore value.
     #[error("label {label} is not a token id")]
     LabelOutOfRange {

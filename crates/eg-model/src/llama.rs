@@ -234,7 +234,7 @@ impl Llama {
             });
         }
         let h = self.cfg.hidden_size;
-        let flat = ids.flatten_all()?.to_dtype(DType::U32)?;
+        let flat = crate::params::checked_ids(ids, self.cfg.vocab_size)?;
         let mut x = self.embed.index_select(&flat, 0)?.reshape((b, t, h))?;
         let cos = self.cos.narrow(0, 0, t)?;
         let sin = self.sin.narrow(0, 0, t)?;

@@ -124,6 +124,18 @@ fn narrow_back(y: Tensor, back: Option<DType>) -> Result<Tensor> {
     })
 }
 
+/// The size of the last dimension, which must exist and be non-zero.
+fn last_dim_of(x: &Tensor, what: &str) -> Result<usize> {
+    match x.dims().last() {
+        Some(&d) if d > 0 && x.elem_count() > 0 => Ok(d),
+        _ => Err(Error::ShapeMismatch {
+            tensor: what.to_string(),
+            expected: vec![1],
+            found: x.dims().to_vec(),
+        }),
+    }
+}
+
 fn check_param(op: &'static str, p: &Tensor, d: usize, dtype: DType) -> Result<Tensor> {
     if p.dims() != [d] {
         return Err(Error::ShapeMismatch {
@@ -277,7 +289,7 @@ impl CustomOp3 for RmsNormBwd {
 /// `x` and `weight`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let (xw, back) = widen(x)?;
-    let d = xw.dim(candle_core::D::Minus1)?;
+    let d = last_dim_of(&xw, "rms_norm input")?;
     let w = check_param("rms_norm weight", weight, d, xw.dtype())?;
     let y = xw.contiguous()?.apply_op2(&w, RmsNormOp { eps })?;
     narrow_back(y, back)
@@ -441,7 +453,7 @@ impl CustomOp3 for LayerNormBwd {
 /// gradients for `x`, `weight` and `bias`.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let (xw, back) = widen(x)?;
-    let d = xw.dim(candle_core::D::Minus1)?;
+    let d = last_dim_of(&xw, "layer_norm input")?;
     let w = check_param("layer_norm weight", weight, d, xw.dtype())?;
     let b = check_param("layer_norm bias", bias, d, xw.dtype())?;
     let y = xw.contiguous()?.apply_op3(&w, &b, LayerNormOp { eps })?;
@@ -582,6 +594,7 @@ impl CustomOp2 for SoftmaxBwd {
 /// Softmax over the last dimension, with a gradient.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let (xw, back) = widen(x)?;
+    last_dim_of(&xw, "softmax input")?;
     let y = xw.contiguous()?.apply_op1(SoftmaxOp {
         scale: 1.0,
         causal: None,
@@ -603,6 +616,7 @@ pub fn causal_softmax(
     window: Option<usize>,
 ) -> Result<Tensor> {
     let (xw, back) = widen(scores)?;
+    last_dim_of(&xw, "causal_softmax scores")?;
     let rows = if xw.rank() >= 2 {
         xw.dim(candle_core::D::Minus2)?
     } else {
@@ -750,6 +764,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, layout: RopeLayout) -> Resul
             });
         }
     };
+    last_dim_of(&xw, "rope input")?;
     let cs = [t, d / 2];
     for (name, tensor) in [("rope cos", cos), ("rope sin", sin)] {
         if d % 2 != 0 || tensor.dims() != cs {
@@ -901,7 +916,7 @@ impl CustomOp1 for CrossEntropyBwd {
 /// With every row ignored the loss is `0` and the gradient is zero (not NaN).
 pub fn cross_entropy(logits: &Tensor, targets: &[Option<u32>]) -> Result<Tensor> {
     let (xw, back) = widen(logits)?;
-    let v = xw.dim(candle_core::D::Minus1)?;
+    let v = last_dim_of(&xw, "cross_entropy logits")?;
     let rows = xw.elem_count() / v.max(1);
     if targets.len() != rows {
         return Err(Error::ShapeMismatch {

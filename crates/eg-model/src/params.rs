@@ -113,6 +113,21 @@ pub(crate) fn check_tensor_names(
     Ok(())
 }
 
+/// Token ids (any integer dtype, any shape) as a flat `u32` tensor, each checked to be in
+/// `0..vocab` ([`Error::TokenOutOfRange`] otherwise, instead of a silent wrap or clamp).
+pub(crate) fn checked_ids(ids: &Tensor, vocab: usize) -> Result<Tensor> {
+    let v: Vec<i64> = ids.flatten_all()?.to_dtype(DType::I64)?.to_vec1()?;
+    let mut out = Vec::with_capacity(v.len());
+    for id in v {
+        match u32::try_from(id) {
+            Ok(u) if (u as usize) < vocab => out.push(u),
+            _ => return Err(Error::TokenOutOfRange { id, vocab }),
+        }
+    }
+    let n = out.len();
+    Ok(Tensor::from_vec(out, n, ids.device())?)
+}
+
 /// A SplitMix64 stream: tiny, fast, and identical on every platform.
 #[derive(Debug, Clone)]
 pub(crate) struct SplitMix64(u64);

@@ -211,3 +211,19 @@ fn analysis_counts_equal_the_real_tensors() {
         }
     }
 }
+
+#[test]
+fn token_ids_outside_the_vocabulary_are_errors_not_panics() {
+    let cfg = LlamaConfig::tiny_for_tests();
+    let model = Llama::init(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
+    let ids = Tensor::new(&[[1u32, cfg.vocab_size as u32]], &Device::Cpu).unwrap();
+    assert!(matches!(
+        model.forward(&ids),
+        Err(eg_model::Error::TokenOutOfRange { id: 64, vocab: 64 })
+    ));
+    let neg = Tensor::new(&[[1i64, -1]], &Device::Cpu).unwrap();
+    assert!(matches!(
+        model.forward(&neg),
+        Err(eg_model::Error::TokenOutOfRange { id: -1, .. })
+    ));
+}

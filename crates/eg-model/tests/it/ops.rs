@@ -432,3 +432,33 @@ fn issue_4_candle_fused_ops_drop_gradients_ours_do_not() {
     assert!(ce.backward().unwrap().get(logits.as_tensor()).is_some());
     let _ = rand_vec(0, 1);
 }
+
+#[test]
+fn empty_inputs_are_errors_not_panics() {
+    let x = Tensor::zeros((3, 0), DType::F32, &Device::Cpu).unwrap();
+    let w = Tensor::zeros(0, DType::F32, &Device::Cpu).unwrap();
+    assert!(ops::rms_norm(&x, &w, 1e-5).is_err());
+    assert!(ops::layer_norm(&x, &w, &w, 1e-5).is_err());
+    assert!(ops::softmax_last_dim(&x).is_err());
+    assert!(ops::causal_softmax(&x, 1.0, 3, None).is_err());
+    assert!(ops::cross_entropy(&x, &[None, None, None]).is_err());
+    let e = Tensor::zeros((1, 1, 0, 4), DType::F32, &Device::Cpu).unwrap();
+    let cs = Tensor::zeros((0, 2), DType::F32, &Device::Cpu).unwrap();
+    assert!(ops::rope(&e, &cs, &cs, RopeLayout::HalfSplit).is_err());
+    // Wrong shapes are typed errors too.
+    let x = rand_t(30, &[2, 4], DType::F32);
+    assert!(matches!(
+        ops::rms_norm(&x, &rand_t(31, &[3], DType::F32), 1e-5),
+        Err(eg_model::Error::ShapeMismatch { .. })
+    ));
+    let q = rand_t(32, &[1, 1, 3, 4], DType::F32);
+    assert!(matches!(
+        ops::rope(
+            &q,
+            &rand_t(33, &[3, 3], DType::F32),
+            &rand_t(34, &[3, 3], DType::F32),
+            RopeLayout::Interleaved
+        ),
+        Err(eg_model::Error::ShapeMismatch { .. })
+    ));
+}
