@@ -575,6 +575,10 @@ impl<M: TrainModel> Trainer<M> {
 
     fn fit_inner(&mut self) -> Result<FitReport> {
         if self.snapshot.is_none() {
+            // Not resumed: lines of an earlier attempt that never reached a checkpoint go.
+            if let Some(run) = &self.opts.run_dir {
+                truncate_metrics(&run.join("metrics.jsonl"), self.state.step)?;
+            }
             self.snapshot = Some(self.capture()?);
         }
         let mut last_loss = None;
