@@ -304,7 +304,7 @@ impl Display for HardwareReport {
         if !self.fits.is_empty() {
             writeln!(
                 f,
-                "Fits      largest model, ROUGH ({})",
+                "Fits      largest model per strategy. {}",
                 crate::capacity::FIT_NOTE
             )?;
             for e in &self.fits {
