@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use eg_config::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::HumanBytes;
+
 /// Something that would make a run fit that does not fit now, with the peak it would have.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
@@ -61,22 +63,23 @@ impl fmt::Display for Suggestion {
         match self {
             Suggestion::Checkpointing { peak } => write!(
                 f,
-                "activation checkpointing (memory.activation_checkpointing=on): peak {peak}"
+                "activation checkpointing (memory.activation_checkpointing=on): peak {}",
+                HumanBytes::from(*peak)
             ),
-            Suggestion::Offload { peak } => {
-                write!(
-                    f,
-                    "optimizer offload to disk (memory.offload=disk): peak {peak}"
-                )
-            }
+            Suggestion::Offload { peak } => write!(
+                f,
+                "optimizer offload to disk (memory.offload=disk): peak {}",
+                HumanBytes::from(*peak)
+            ),
             Suggestion::Lora {
                 rank,
                 with_checkpointing,
                 peak,
             } => write!(
                 f,
-                "LoRA rank {rank} on a frozen base ([model.lora]){}: peak {peak}",
-                Also(*with_checkpointing)
+                "LoRA rank {rank} on a frozen base ([model.lora]){}: peak {}",
+                Also(*with_checkpointing),
+                HumanBytes::from(*peak)
             ),
             Suggestion::Qlora {
                 rank,
@@ -84,8 +87,9 @@ impl fmt::Display for Suggestion {
                 peak,
             } => write!(
                 f,
-                "QLoRA: LoRA rank {rank} on an NF4 base (model.quantization=nf4){}: peak {peak}",
-                Also(*with_checkpointing)
+                "QLoRA: LoRA rank {rank} on an NF4 base (model.quantization=nf4){}: peak {}",
+                Also(*with_checkpointing),
+                HumanBytes::from(*peak)
             ),
             Suggestion::ShorterSequences {
                 seq_len,
@@ -93,12 +97,14 @@ impl fmt::Display for Suggestion {
                 peak,
             } => write!(
                 f,
-                "shorter sequences (data.seq_len={seq_len}){}: peak {peak}",
-                Also(*with_checkpointing)
+                "shorter sequences (data.seq_len={seq_len}){}: peak {}",
+                Also(*with_checkpointing),
+                HumanBytes::from(*peak)
             ),
             Suggestion::MoreMemory { by } => write!(
                 f,
-                "{by} more memory (memory.budget_fraction, memory.limit, memory.reserve, or a bigger machine/cgroup)"
+                "{} more memory (memory.budget_fraction, memory.limit, memory.reserve, or a bigger machine/cgroup)",
+                HumanBytes::from(*by)
             ),
         }
     }
@@ -140,7 +146,10 @@ impl fmt::Display for SuggestionList<'_> {
 pub enum Error {
     /// No strategy fits the memory budget.
     #[error(
-        "the run does not fit: the smallest strategy ({smallest}) needs {needed} but the budget is {budget} (short by {short}){}",
+        "the run does not fit: the smallest strategy ({smallest}) needs {} but the budget is {} (short by {}){}",
+        HumanBytes::from(*needed),
+        HumanBytes::from(*budget),
+        HumanBytes::from(*short),
         SuggestionList(suggestions)
     )]
     DoesNotFit {

@@ -390,10 +390,10 @@ impl Estimate {
 
 impl fmt::Display for Estimate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "peak {}", self.peak)?;
+        write!(f, "peak {}", crate::HumanBytes::from(self.peak))?;
         for (name, b) in self.terms() {
             if b.0 > 0 {
-                write!(f, ", {name} {b}")?;
+                write!(f, ", {name} {}", crate::HumanBytes::from(b))?;
             }
         }
         Ok(())

@@ -100,3 +100,36 @@ pub use planner::{
     Budget, Candidate, OffloadChoice, Plan, PlanRequest, SpeedModel, Strategy, plan,
 };
 pub use pressure::{Level, PressureDetector, Reading, Thresholds};
+
+/// Bytes for people: binary units with one decimal (`355.3 MiB`), exact below 1 KiB.
+///
+/// ```
+/// use eg_memory::HumanBytes;
+/// assert_eq!(HumanBytes(1536).to_string(), "1.5 KiB");
+/// assert_eq!(HumanBytes(3 << 30).to_string(), "3.0 GiB");
+/// assert_eq!(HumanBytes(512).to_string(), "512 B");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HumanBytes(pub u64);
+
+impl From<eg_config::Bytes> for HumanBytes {
+    fn from(b: eg_config::Bytes) -> Self {
+        HumanBytes(b.0)
+    }
+}
+
+impl std::fmt::Display for HumanBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+        if self.0 < 1024 {
+            return write!(f, "{} B", self.0);
+        }
+        let mut x = self.0 as f64;
+        let mut u = 0;
+        while u + 1 < UNITS.len() && x >= 1024.0 {
+            x /= 1024.0;
+            u += 1;
+        }
+        write!(f, "{x:.1} {}", UNITS[u])
+    }
+}

@@ -93,14 +93,21 @@ impl Budget {
 
 impl fmt::Display for Budget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use crate::HumanBytes as H;
         match self.effective {
-            Some(e) => write!(f, "{} = {e} × {}", self.usable, self.fraction)?,
-            None => write!(f, "{} = memory.limit", self.usable)?,
+            Some(e) => write!(
+                f,
+                "{} = {} effective × {}",
+                H::from(self.usable),
+                H::from(e),
+                self.fraction
+            )?,
+            None => write!(f, "{} = memory.limit", H::from(self.usable))?,
         }
         if let (Some(l), Some(_)) = (self.limit, self.effective) {
-            write!(f, " capped at {l}")?;
+            write!(f, " capped at memory.limit {}", H::from(l))?;
         }
-        write!(f, " − reserve {}", self.reserve)
+        write!(f, " − reserve {}", H::from(self.reserve))
     }
 }
 
@@ -529,26 +536,7 @@ fn does_not_fit(
             OffloadKind::None
         },
     };
-    let mut suggestions = Vec::new();
-    if req.checkpointing == Toggle::Off {
-        let s = Setup {
-            checkpointing: true,
-            ..lean
-        };
-        if let Some(peak) = fits(&s) {
-            suggestions.push(Suggestion::Checkpointing { peak });
-        }
-    }
-    if req.offload == OffloadChoice::None {
-        let s = Setup {
-            offload: OffloadKind::Disk,
-            ..lean
-        };
-        if let Some(peak) = fits(&s) {
-            suggestions.push(Suggestion::Offload { peak });
-        }
-    }
-    // From here on, everything the planner may turn on is on.
+    // Everything the planner may turn on is on.
     let leanest = Setup {
         checkpointing: req.checkpointing != Toggle::Off,
         offload: if req.offload == OffloadChoice::None {
@@ -558,6 +546,25 @@ fn does_not_fit(
         },
         ..lean
     };
+    let mut suggestions = Vec::new();
+    if req.checkpointing == Toggle::Off {
+        let s = Setup {
+            checkpointing: true,
+            ..leanest
+        };
+        if let Some(peak) = fits(&s) {
+            suggestions.push(Suggestion::Checkpointing { peak });
+        }
+    }
+    if req.offload == OffloadChoice::None {
+        let s = Setup {
+            offload: OffloadKind::Disk,
+            ..leanest
+        };
+        if let Some(peak) = fits(&s) {
+            suggestions.push(Suggestion::Offload { peak });
+        }
+    }
     let rank = match req.adapters {
         Adapters::Lora { rank, .. } => rank,
         Adapters::None => SUGGESTED_LORA_RANK,
