@@ -6,6 +6,7 @@
 mod config_cmd;
 mod exit;
 mod hw;
+mod plan;
 
 use std::process::ExitCode;
 
@@ -35,6 +36,8 @@ enum Command {
     Config(config_cmd::ConfigCommand),
     /// Report this machine's hardware (CPU, memory, GPUs, storage, thermal, power).
     Hw(hw::HwArgs),
+    /// Show which memory strategies fit (micro-batch, checkpointing, offload) before a run.
+    Plan(plan::PlanArgs),
     /// Train a model (not built yet: see the README's status table).
     Train(TrainArgs),
 }
@@ -79,6 +82,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Config(cmd) => config_cmd::run(cmd),
         Command::Hw(args) => hw::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Plan(args) => plan::run(args),
         Command::Train(args) => train(args),
     };
     match result {
