@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::LlamaConfig;
+use crate::config::{LlamaConfig, ModelType};
 use crate::llama::Llama;
 use crate::safetensors::{SafetensorsFile, write, write_atomic};
 use crate::{Error, Result};
@@ -274,4 +274,88 @@ pub fn resolve_hf_cache(cache_dir: &Path, repo: &str, revision: Option<&str>) ->
     } else {
         Err(not_found(snap))
     }
+}
+
+/// One tensor as a safetensors header describes it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TensorSummary {
+    /// Name.
+    pub name: String,
+    /// Element type (`f32`, `bf16`, ...).
+    pub dtype: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+}
+
+/// What `eg model inspect DIR` shows: the real tensors (read from the headers only, no
+/// data), their totals, and for the Llama family the per-module analysis.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Inspection {
+    /// `model_type` from `config.json`.
+    pub model_type: String,
+    /// Every tensor in the weights, sorted by name.
+    pub tensors: Vec<TensorSummary>,
+    /// Total number of elements.
+    pub params: u64,
+    /// Bytes by element type.
+    pub bytes_by_dtype: BTreeMap<String, u64>,
+    /// Per-module analysis at `seq_len` (Llama family only).
+    pub analysis: Option<crate::analysis::Analysis>,
+}
+
+/// Inspects a Hugging Face directory without loading tensor data.
+pub fn inspect_dir(dir: &Path, seq_len: usize) -> Result<Inspection> {
+    let path = dir.join(CONFIG);
+    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|source| Error::ConfigParse {
+            path: path.clone(),
+            source,
+        })?;
+    let model_type = value
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| Error::ConfigMissingField {
+            path: path.clone(),
+            field: "model_type",
+        })?
+        .to_string();
+    let weights = Weights::open_dir(dir)?;
+    let mut tensors = Vec::new();
+    let mut params = 0u64;
+    let mut bytes_by_dtype = BTreeMap::new();
+    let mut dtypes: HashMap<DType, u64> = HashMap::new();
+    for file in &weights.files {
+        for (name, info) in file.tensors() {
+            let n: u64 = info.shape.iter().map(|&d| d as u64).product();
+            params += n;
+            let dt = info.dtype.as_str().to_string();
+            *bytes_by_dtype.entry(dt.clone()).or_insert(0) += n * info.dtype.size_in_bytes() as u64;
+            *dtypes.entry(info.dtype).or_insert(0) += n;
+            tensors.push(TensorSummary {
+                name: name.clone(),
+                dtype: dt,
+                shape: info.shape.clone(),
+            });
+        }
+    }
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    let analysis = if ModelType::SUPPORTED.contains(&model_type.as_str()) {
+        let cfg = LlamaConfig::from_json_str(&text, &path)?;
+        // The dtype holding most parameters.
+        let dtype = dtypes
+            .iter()
+            .max_by_key(|(d, n)| (**n, d.as_str()))
+            .map_or(DType::F32, |(d, _)| *d);
+        Some(crate::analysis::analyze_llama(&cfg, dtype, seq_len))
+    } else {
+        None
+    };
+    Ok(Inspection {
+        model_type,
+        tensors,
+        params,
+        bytes_by_dtype,
+        analysis,
+    })
 }

@@ -304,3 +304,31 @@ fn index_naming_a_tensor_its_shard_lacks_is_missing() {
         e => panic!("{e}"),
     }
 }
+
+#[test]
+fn inspect_counts_equal_the_real_tensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LlamaConfig {
+        tie_word_embeddings: true,
+        ..LlamaConfig::tiny_for_tests()
+    };
+    let model = Llama::init(&cfg, 3, DType::BF16, &Device::Cpu).unwrap();
+    model.save_hf_dir(dir.path(), Some(10_000)).unwrap();
+    let inspection = eg_model::hf::inspect_dir(dir.path(), 64).unwrap();
+    let real: usize = model.params().iter().map(|(_, v)| v.elem_count()).sum();
+    assert_eq!(inspection.params, real as u64);
+    assert_eq!(inspection.tensors.len(), model.params().len());
+    assert_eq!(
+        inspection.bytes_by_dtype.get("bf16"),
+        Some(&(2 * real as u64))
+    );
+    let a = inspection.analysis.unwrap();
+    assert_eq!(a.params, real as u64);
+    assert_eq!(a.bytes_by_dtype, inspection.bytes_by_dtype);
+    // Serialisable for `eg model inspect --json`.
+    assert!(
+        serde_json::to_string(&a)
+            .unwrap()
+            .contains("flops_per_token")
+    );
+}
