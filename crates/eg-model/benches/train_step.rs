@@ -108,6 +108,17 @@ fn ops_timings() {
         comp * 1e3
     );
 
+    // SwiGLU on [2048, 704].
+    let g = Var::from_tensor(&randn(&[2048, 704])).unwrap();
+    let u = randn(&[2048, 704]);
+    let fused = fwd_bwd(&|x| ops::swiglu(x, &u).unwrap(), &g);
+    let comp = fwd_bwd(&|x| (x.silu().unwrap() * &u).unwrap(), &g);
+    println!(
+        "swiglu [2048,704] fwd+bwd: fused {:.2} ms, composite {:.2} ms",
+        fused * 1e3,
+        comp * 1e3
+    );
+
     // Cross entropy on [2048, 6144].
     let l = Var::from_tensor(&randn(&[2048, 6144])).unwrap();
     let targets: Vec<Option<u32>> = (0..2048).map(|i| Some((i * 7 % 6144) as u32)).collect();
@@ -146,6 +157,21 @@ fn train_step() {
     let ids = Tensor::from_vec(ids, (8, 256), &Device::Cpu).unwrap();
     let mut opt = candle_nn::AdamW::new_lr(model.params().vars(), 1e-3).unwrap();
     let (mut tf, mut tb, mut to) = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
+    let a = model.analyze(256);
+    {
+        // Activation memory: resident-set growth over one forward (graph kept alive) vs the
+        // analysis' prediction.
+        let before = rss_bytes();
+        let logits = model.forward(&ids).unwrap();
+        let loss = model.next_token_loss(&logits, &ids, None).unwrap();
+        let after = rss_bytes();
+        println!(
+            "forward RSS growth {:.1} MiB; analysis predicts {:.1} MiB of activations",
+            (after.saturating_sub(before)) as f64 / 1048576.0,
+            (a.activation_bytes_per_token * 2048) as f64 / 1048576.0
+        );
+        drop(loss);
+    }
     for step in 0..4 {
         let t0 = Instant::now();
         let logits = model.forward(&ids).unwrap();
@@ -170,10 +196,19 @@ fn train_step() {
         to * 1e3,
         2048.0 / total
     );
-    let a = model.analyze(256);
     println!(
         "achieved {:.1} GFLOP/s (training FLOPs {} per token)",
         a.training_flops_per_token as f64 * 2048.0 / total / 1e9,
         a.training_flops_per_token
     );
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
 }

@@ -116,8 +116,8 @@ pub fn analyze_llama(cfg: &LlamaConfig, dtype: DType, seq_len: usize) -> Analysi
                     + biased(cfg.o_bias()) * h;
                 (proj + attn, acts)
             }
-            // gate, silu(gate), up, product; down
-            "mlp" => (2 * 3 * h * i, 4 * i + h),
+            // gate, up, fused silu(gate) * up; down
+            "mlp" => (2 * 3 * h * i, 3 * i + h),
             // the norm's output, plus the residual sum after it
             "input_layernorm" | "post_attention_layernorm" => (0, 2 * h),
             "norm" => (0, h),

@@ -280,7 +280,7 @@ impl Llama {
         let x = (x + l.o.forward(&attn)?)?;
 
         let hs = ops::rms_norm(&x, &l.post_norm, cfg.rms_norm_eps)?;
-        let act = (l.gate.forward(&hs)?.silu()? * l.up.forward(&hs)?)?;
+        let act = ops::swiglu(&l.gate.forward(&hs)?, &l.up.forward(&hs)?)?;
         Ok((x + l.down.forward(&act)?)?)
     }
 

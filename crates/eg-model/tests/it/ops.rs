@@ -462,3 +462,24 @@ fn empty_inputs_are_errors_not_panics() {
         Err(eg_model::Error::ShapeMismatch { .. })
     ));
 }
+
+#[test]
+fn swiglu_backward_matches_finite_differences() {
+    let g = (rand_t(40, &[3, 5], DType::F64) * 3.0).unwrap();
+    let u = rand_t(41, &[3, 5], DType::F64);
+    fd_check(&|t| ops::swiglu(&t[0], &t[1]).unwrap(), &[g, u], &[0, 1]);
+}
+
+#[test]
+fn swiglu_matches_composite() {
+    // More than one 4096-element chunk.
+    let g = (rand_t(42, &[9, 1000], DType::F32) * 4.0).unwrap();
+    let u = rand_t(43, &[9, 1000], DType::F32);
+    composite_check(
+        &|t| ops::swiglu(&t[0], &t[1]).unwrap(),
+        &|t| (t[0].silu().unwrap() * &t[1]).unwrap(),
+        &[g, u],
+        &[0, 1],
+        1e-5,
+    );
+}
