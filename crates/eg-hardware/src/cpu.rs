@@ -135,6 +135,7 @@ struct Block {
     vendor: Option<String>,
     model: Option<String>,
     implementer: Option<String>,
+    part: Option<String>,
     flags: Option<String>,
     physical_id: Option<String>,
     core_id: Option<String>,
@@ -164,6 +165,7 @@ fn parse_cpuinfo(text: &str) -> Vec<Block> {
             "vendor_id" => cur.vendor = Some(v),
             "model name" => cur.model = Some(v),
             "CPU implementer" => cur.implementer = Some(v),
+            "CPU part" => cur.part = Some(v),
             "flags" | "Features" => cur.flags = Some(v),
             "physical id" => cur.physical_id = Some(v),
             "core id" => cur.core_id = Some(v),
@@ -193,6 +195,23 @@ fn arm_implementer(code: &str) -> String {
         _ => return format!("implementer {code}"),
     };
     name.to_owned()
+}
+
+/// Names of common Arm Ltd. cores by `CPU part` (implementer 0x41).
+fn arm_part(implementer: &str, part: &str) -> Option<&'static str> {
+    if !implementer.eq_ignore_ascii_case("0x41") {
+        return None;
+    }
+    Some(match part.to_ascii_lowercase().as_str() {
+        "0xd08" => "Cortex-A72",
+        "0xd0b" => "Cortex-A76",
+        "0xd0c" => "Neoverse-N1",
+        "0xd40" => "Neoverse-V1",
+        "0xd49" => "Neoverse-N2",
+        "0xd4f" => "Neoverse-V2",
+        "0xd8e" => "Neoverse-N3",
+        _ => return None,
+    })
 }
 
 /// Canonical kernel features implied by a flags line.
@@ -240,7 +259,12 @@ pub(crate) fn detect(root: &Root, mounts: &[Mount], notes: &mut Notes) -> CpuRep
             .clone()
             .or_else(|| b.implementer.as_deref().map(arm_implementer))
     });
-    let model = blocks.iter().find_map(|b| b.model.clone());
+    let model = blocks.iter().find_map(|b| b.model.clone()).or_else(|| {
+        first.and_then(|b| match (&b.implementer, &b.part) {
+            (Some(i), Some(p)) => arm_part(i, p).map(str::to_owned),
+            _ => None,
+        })
+    });
     let features = match first.and_then(|b| b.flags.as_deref()) {
         Some(f) => Some(features_from_flags(f)),
         None => {

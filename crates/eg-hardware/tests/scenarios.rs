@@ -320,6 +320,7 @@ fn every_fixture_round_trips_through_json() {
         "server-no-sensors",
         "nvme-hdd",
         "malformed",
+        "arm-server",
     ] {
         let r = detect(name, &["/data/x"]);
         assert_eq!(r.schema_version, SCHEMA_VERSION);
@@ -373,4 +374,23 @@ mod prop {
             }
         }
     }
+}
+
+#[test]
+fn arm_server_features() {
+    let r = detect("arm-server", &["/home/ec2-user"]);
+    assert_eq!(r.cpu.isa, IsaFamily::Arm);
+    assert_eq!(r.cpu.vendor.as_deref(), Some("ARM"));
+    assert_eq!(r.cpu.model.as_deref(), Some("Neoverse-V1"));
+    for f in ["neon", "sve", "bf16", "i8mm", "asimddp", "asimdhp"] {
+        assert_eq!(r.cpu.has(f), Some(true), "{f}");
+    }
+    for f in ["avx2", "sve2", "amx_tile"] {
+        assert_eq!(r.cpu.has(f), Some(false), "{f}");
+    }
+    assert_eq!(r.cpu.logical_cores, Some(4));
+    assert_eq!(r.cpu.physical_cores, Some(4));
+    // EBS volumes show up as NVMe: the kind follows the kernel's view.
+    assert_eq!(r.storage[0].kind, StorageKind::Nvme);
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
 }
