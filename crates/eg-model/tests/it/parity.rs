@@ -132,3 +132,60 @@ fn qwen2_tied_logits_match_candle_transformers() {
     };
     check_qwen2(&cfg, 5);
 }
+
+/// Mistral with a sliding window shorter than the sequence and a `head_dim` that is not
+/// `hidden / heads`. candle-transformers' mistral lets query `i` see key `j` when
+/// `i - j <= window`; Hugging Face (and this crate) when `i - j < window`: our window `w + 1`
+/// equals its window `w`.
+#[test]
+fn mistral_sliding_window_and_head_dim_match_candle_transformers() {
+    use candle_transformers::models::mistral as ref_mistral;
+    let cfg = LlamaConfig {
+        model_type: ModelType::Mistral,
+        head_dim: Some(16),
+        num_key_value_heads: Some(2),
+        sliding_window: Some(4),
+        ..LlamaConfig::tiny_for_tests()
+    };
+    let model = Llama::init(&cfg, 6, DType::F32, &Device::Cpu).unwrap();
+    let ref_cfg = ref_mistral::Config {
+        vocab_size: cfg.vocab_size,
+        hidden_size: cfg.hidden_size,
+        intermediate_size: cfg.intermediate_size,
+        num_hidden_layers: cfg.num_hidden_layers,
+        num_attention_heads: cfg.num_attention_heads,
+        head_dim: cfg.head_dim,
+        num_key_value_heads: cfg.num_kv_heads(),
+        hidden_act: candle_nn::Activation::Silu,
+        max_position_embeddings: cfg.max_position_embeddings,
+        rms_norm_eps: cfg.rms_norm_eps,
+        rope_theta: cfg.rope_theta,
+        sliding_window: Some(3),
+        use_flash_attn: false,
+    };
+    let mut reference = ref_mistral::Model::new(&ref_cfg, var_builder(&model)).unwrap();
+    let ids = batch(&cfg, 2, 9, 8);
+    let ours = model.forward(&ids).unwrap();
+    for t in 1..=9 {
+        reference.clear_kv_cache();
+        let theirs = reference
+            .forward(&ids.narrow(1, 0, t).unwrap(), 0)
+            .unwrap()
+            .squeeze(1)
+            .unwrap();
+        let d = max_abs_diff(&ours.i((.., t - 1, ..)).unwrap(), &theirs);
+        assert!(d < 1e-4, "position {}: max |diff| = {d}", t - 1);
+    }
+    // The window matters here: without it the last logits differ.
+    let wide = Llama::from_tensors(
+        &LlamaConfig {
+            sliding_window: None,
+            ..cfg.clone()
+        },
+        model.params().tensors().into_iter().collect(),
+        DType::F32,
+    )
+    .unwrap();
+    let d = max_abs_diff(&wide.forward(&ids).unwrap(), &ours);
+    assert!(d > 1e-3, "{d}");
+}
