@@ -7,6 +7,7 @@ mod config_cmd;
 mod exit;
 mod hw;
 mod plan;
+mod train;
 
 use std::process::ExitCode;
 
@@ -38,19 +39,8 @@ enum Command {
     Hw(hw::HwArgs),
     /// Show which memory strategies fit (micro-batch, checkpointing, offload) before a run.
     Plan(plan::PlanArgs),
-    /// Train a model (not built yet: see the README's status table).
-    Train(TrainArgs),
-}
-
-/// Arguments of `eg train`.
-#[derive(Debug, clap::Args)]
-struct TrainArgs {
-    /// Configuration files, later ones win.
-    #[arg(long = "config", short = 'c', value_name = "FILE")]
-    config: Vec<std::path::PathBuf>,
-    /// Override one key: `key.path=value` (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    set: Vec<String>,
+    /// Train a model (with no arguments: a small Llama on a generated corpus, offline).
+    Train(train::TrainArgs),
 }
 
 fn main() -> ExitCode {
@@ -91,15 +81,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
-    // Validate first so configuration mistakes are reported even before training exists.
-    let _config = config::Sources::new()
-        .files(&args.config)
-        .process_env()
-        .sets(&args.set)
-        .load()?;
-    Err(exit::Unsupported {
-        what: "`eg train` (the training loop, issue #6)",
-    }
-    .into())
+fn train(args: train::TrainArgs) -> anyhow::Result<ExitCode> {
+    train::run(args)
 }

@@ -1,0 +1,315 @@
+//! `eg train`: build the model, data and loop from the configuration, resume from the newest
+//! valid checkpoint, train with a progress bar, stop cleanly on SIGTERM/SIGINT.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{DType, Device};
+use elastic_guardian::config::{self, Config, ModelSource};
+use elastic_guardian::data::{self, Loader, LoaderOptions, Packing, Placement};
+use elastic_guardian::kernel::{
+    self, Callback, CheckpointOptions, EvalMetrics, EvalSet, Optimizer, OptimizerKind, Schedule,
+    StepMetrics, TrainModel, Trainer, TrainerOptions,
+};
+use elastic_guardian::model::{self, Llama};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::exit;
+
+/// Bytes of generated text for `data.source = "embedded"`.
+const EMBEDDED_BYTES: usize = 1_500_000;
+
+/// Arguments of `eg train`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct TrainArgs {
+    /// Configuration files, later ones win.
+    #[arg(long = "config", short = 'c', value_name = "FILE")]
+    pub(crate) config: Vec<PathBuf>,
+    /// Override one key: `key.path=value` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub(crate) set: Vec<String>,
+    /// Do not draw a progress bar (also off when stderr is not a terminal).
+    #[arg(long)]
+    pub(crate) no_progress: bool,
+}
+
+struct Data {
+    train: Arc<dyn data::TokenDataset>,
+    eval: Option<Arc<dyn data::TokenDataset>>,
+    vocab: usize,
+    eos: Option<u32>,
+    description: String,
+}
+
+fn load_data(cfg: &Config) -> anyhow::Result<Data> {
+    use config::wire::DataSource;
+    match cfg.data.source {
+        DataSource::Embedded => {
+            let frac = cfg.data.eval_fraction.get();
+            let (train, eval) = data::embedded::datasets(cfg.run.seed, EMBEDDED_BYTES, frac);
+            let eval: Option<Arc<dyn data::TokenDataset>> = if data::TokenDataset::is_empty(&eval) {
+                None
+            } else {
+                Some(Arc::new(eval))
+            };
+            Ok(Data {
+                description: format!(
+                    "embedded corpus ({} KB of generated English-like text, byte tokens)",
+                    EMBEDDED_BYTES / 1000
+                ),
+                train: Arc::new(train) as Arc<dyn data::TokenDataset>,
+                eval,
+                vocab: data::embedded::ByteTokenizer::VOCAB,
+                eos: Some(data::embedded::ByteTokenizer::EOS),
+            })
+        }
+        _ => Err(exit::Unsupported {
+            what: "data sources other than `embedded` in `eg train` (issue #6)",
+        }
+        .into()),
+    }
+}
+
+fn load_model(cfg: &Config, vocab: usize) -> anyhow::Result<(Llama, String)> {
+    let seq = cfg.data.seq_len.0 as usize;
+    match &cfg.model.source {
+        ModelSource::Builtin(name) => {
+            let lc = model::builtin::config(name, vocab, seq.max(16))?;
+            let m = Llama::init(&lc, cfg.run.seed, DType::F32, &Device::Cpu)?;
+            Ok((m, format!("builtin:{name}")))
+        }
+        ModelSource::Dir(dir) => {
+            let m = Llama::from_hf_dir(dir, DType::F32, &Device::Cpu)
+                .with_context(|| format!("loading {}", dir.display()))?;
+            if m.config().vocab_size < vocab {
+                anyhow::bail!(
+                    "model vocabulary ({}) is smaller than the data's ({vocab})",
+                    m.config().vocab_size
+                );
+            }
+            Ok((m, dir.display().to_string()))
+        }
+        _ => Err(exit::Unsupported {
+            what: "registry model sources in `eg train`",
+        }
+        .into()),
+    }
+}
+
+/// Progress bar and console summary.
+struct Progress {
+    bar: ProgressBar,
+    t0: Instant,
+    tokens0: u64,
+}
+
+impl Callback for Progress {
+    fn on_step_end(&mut self, m: &StepMetrics) {
+        let secs = self.t0.elapsed().as_secs_f64().max(1e-9);
+        let tps = (m.tokens_seen - self.tokens0) as f64 / secs;
+        self.bar.set_position(m.step);
+        self.bar.set_message(format!(
+            "loss {:.4}  lr {:.2e}  {:.0} tok/s",
+            m.loss, m.lr, tps
+        ));
+    }
+
+    fn on_eval(&mut self, e: &EvalMetrics) {
+        self.bar.println(format!(
+            "step {:>6}  eval loss {:.4}  perplexity {:.3}",
+            e.step, e.loss, e.perplexity
+        ));
+    }
+
+    fn on_anomaly(&mut self, a: &kernel::Anomaly) {
+        self.bar.println(format!("guard: {a:?}"));
+    }
+}
+
+/// Runs `eg train`.
+pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    let cfg = config::Sources::new()
+        .files(&args.config)
+        .process_env()
+        .sets(&args.set)
+        .load()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    // A second SIGINT while stopping aborts (exit 130); the first one (or SIGTERM) asks the
+    // loop to finish its step and checkpoint.
+    signal_hook::flag::register_conditional_shutdown(
+        signal_hook::consts::SIGINT,
+        130,
+        stop.clone(),
+    )?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+
+    let data = load_data(&cfg)?;
+    let (model, model_desc) = load_model(&cfg, data.vocab)?;
+    let seq = cfg.data.seq_len.0 as usize;
+    let rows = (cfg.train.batch.global_tokens.0 as usize / seq).max(1);
+    let micro = cfg
+        .train
+        .batch
+        .micro_batch
+        .map(|m| m.get() as usize)
+        .unwrap_or(rows.min(8));
+    let packing = match cfg.data.packing {
+        config::wire::Packing::BestFit => Packing::BestFit { window: 64 },
+        _ => Packing::Concat,
+    };
+    let lopts = LoaderOptions {
+        seq_len: seq,
+        rows_per_step: rows,
+        packing,
+        eos_id: data.eos,
+        pad_id: 0,
+        seed: cfg.run.seed,
+        shuffle: cfg.data.shuffle,
+        epochs: None,
+    };
+    let loader = Loader::new(data.train.clone(), lopts.clone(), Placement::SINGLE)?;
+    let (kind, peak, wd): (OptimizerKind, f64, f64) =
+        OptimizerKind::from_config(&cfg.train.optimizer)?;
+    let shapes: Vec<(String, Vec<usize>)> = model
+        .named_params()
+        .iter()
+        .map(|(n, v)| (n.clone(), v.dims().to_vec()))
+        .collect();
+    let n_params: usize = shapes
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
+    let optimizer = Optimizer::new(kind, wd, &shapes)?;
+    let max_steps = cfg.train.max_steps.0;
+    let g = &cfg.train.guards;
+    let c = &cfg.train.checkpoints;
+    let opts = TrainerOptions {
+        max_steps,
+        micro_batch_rows: micro,
+        schedule: Schedule::from_config(&cfg.train.schedule, peak, max_steps),
+        clip_norm: g.clip_norm,
+        coverage_check: g.coverage_check,
+        nan_skip_limit: g.nan_skip_limit.max(1),
+        spike: g.spike.as_ref().map(|s| (s.window as usize, s.zscore)),
+        lr_backoff: g.lr_backoff.get().max(f64::MIN_POSITIVE),
+        checkpoints: Some(CheckpointOptions {
+            dir: c.dir.clone(),
+            every: c.every.0,
+            keep_last: c.keep_last as usize,
+            keep_best: c.keep_best as usize,
+            background: c.background,
+        }),
+        snapshot_every: c.every.0,
+        eval_every: cfg.train.eval.every.0,
+        eval_max_batches: cfg.train.eval.max_batches as usize,
+        early_stopping_patience: cfg.train.eval.early_stopping_patience.map(|p| p.get()),
+        run_dir: Some(cfg.run.dir.clone()),
+        config_toml: Some(
+            cfg.to_toml()
+                .context("serialising the resolved configuration")?,
+        ),
+    };
+    let mut trainer = Trainer::new(model, optimizer, loader, opts)?;
+    if let Some(eval) = data.eval.clone() {
+        trainer = trainer.with_eval(EvalSet {
+            data: eval,
+            opts: LoaderOptions {
+                shuffle: false,
+                epochs: Some(1),
+                ..lopts
+            },
+        });
+    }
+
+    let existing = !kernel::checkpoint::list(&c.dir).is_empty();
+    use config::wire::ResumeMode;
+    let resumed = match cfg.run.resume {
+        ResumeMode::Never if existing => anyhow::bail!(
+            "{} already holds checkpoints and run.resume = \"never\"; choose another run.dir",
+            c.dir.display()
+        ),
+        ResumeMode::Never => None,
+        ResumeMode::Require => Some(
+            trainer
+                .resume()?
+                .ok_or_else(|| kernel::Error::NoCheckpoint { dir: c.dir.clone() })?,
+        ),
+        _ => trainer.resume()?,
+    };
+    // Signals are now routed to the trainer's flag.
+    let flag = trainer.stop_flag();
+    let stop2 = stop.clone();
+    std::thread::spawn(move || {
+        while !stop2.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        flag.store(true, Ordering::SeqCst);
+    });
+
+    let start = trainer.state().step;
+    eprintln!(
+        "eg train: {model_desc} ({:.2}M parameters) on the {}; {} steps of {} tokens ({rows} rows × {seq}, micro-batch {micro}), {} threads",
+        n_params as f64 / 1e6,
+        data.description,
+        max_steps,
+        rows * seq,
+        kernel::compute_threads(),
+    );
+    match resumed {
+        Some(s) => eprintln!("resuming from step {s} in {}", c.dir.display()),
+        None => eprintln!("run directory: {}", cfg.run.dir.display()),
+    }
+    let bar = if args.no_progress {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(max_steps)
+    };
+    bar.set_style(ProgressStyle::with_template(
+        "{bar:30.cyan/blue} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
+    )?);
+    bar.set_position(start);
+    bar.reset_eta();
+    trainer.add_callback(Box::new(Progress {
+        bar: bar.clone(),
+        t0: Instant::now(),
+        tokens0: trainer.state().tokens_seen,
+    }));
+    let report = trainer.fit()?;
+    bar.finish_and_clear();
+    if report.stopped {
+        eprintln!("stopped by signal at step {}", report.steps);
+    }
+    if let Some(l) = report.last_loss {
+        println!("final training loss: {l:.4} (step {})", report.steps);
+    }
+    if let Some(e) = &report.eval {
+        println!(
+            "eval perplexity: {:.3} (loss {:.4} over {} tokens)",
+            e.perplexity, e.loss, e.tokens
+        );
+    }
+    let s = &report.state;
+    if s.nonfinite_skips + s.spikes + s.rollbacks > 0 {
+        println!(
+            "guards: {} non-finite steps skipped, {} spikes, {} rollbacks, {} batches quarantined",
+            s.nonfinite_skips,
+            s.spikes,
+            s.rollbacks,
+            s.quarantine.len()
+        );
+    }
+    if let Some(ck) = &report.checkpoint {
+        println!("checkpoint: {}", ck.display());
+    }
+    println!("metrics: {}", metrics_path(&cfg.run.dir).display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn metrics_path(run: &Path) -> PathBuf {
+    run.join("metrics.jsonl")
+}

@@ -1,0 +1,236 @@
+//! End-to-end tests of `eg train`: resume after SIGKILL at random moments, clean stop on
+//! SIGTERM. They run the debug `eg` binary on a micro model for a few seconds each.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const STEPS: u64 = 120;
+
+fn eg_train(run: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_eg"));
+    c.arg("train").arg("--no-progress");
+    let dir = format!("run.dir={}", run.display());
+    let max = format!("train.max_steps={STEPS}");
+    for s in [
+        dir.as_str(),
+        "model.source=builtin:micro-llama",
+        "data.seq_len=32",
+        "train.batch.global_tokens=128",
+        "train.batch.micro_batch=2",
+        max.as_str(),
+        "train.checkpoints.every=2",
+        "train.checkpoints.keep_last=2",
+        "train.eval.every=8",
+        "train.eval.max_batches=1",
+    ]
+    .iter()
+    .chain(extra)
+    {
+        c.arg("--set").arg(s);
+    }
+    c.env_remove("EG_LOG").env("NO_COLOR", "1");
+    c
+}
+
+fn final_weights(run: &Path) -> Vec<u8> {
+    let p = run.join(format!("checkpoints/step-{STEPS:08}/model.safetensors"));
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn losses(run: &Path) -> Vec<(u64, u64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["event"] == "step")
+        .map(|v| {
+            (
+                v["step"].as_u64().unwrap(),
+                v["loss"].as_f64().unwrap().to_bits(),
+            )
+        })
+        .collect()
+}
+
+/// SplitMix64, so the kill moments are reproducible.
+fn next(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[test]
+fn sigkill_at_random_moments_then_resume_matches_uninterrupted() {
+    let base = tempfile::tempdir().unwrap();
+    let t0 = Instant::now();
+    let out = eg_train(base.path(), &[]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let full = t0.elapsed();
+    let want_w = final_weights(base.path());
+    let want_l = losses(base.path());
+    assert_eq!(want_l.len() as u64, STEPS);
+
+    let dir = tempfile::tempdir().unwrap();
+    let kills = 20;
+    let mut rng = 0x5eed_u64;
+    let mut killed = 0;
+    let mut in_writes = 0;
+    let mut finished = false;
+    let window = full.as_millis() as u64;
+    for i in 0..kills {
+        let newest_before =
+            elastic_guardian::kernel::checkpoint::newest_valid(&dir.path().join("checkpoints"))
+                .0
+                .map(|(_, d)| d.step);
+        let mut child = eg_train(dir.path(), &[])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Watch stderr for the line printed when training starts (and what it resumed from).
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        let r = next(&mut rng);
+        if i % 2 == 0 {
+            // Anywhere, start-up included.
+            std::thread::sleep(Duration::from_millis(r % (window / 12).max(50) + 10));
+        } else {
+            // Inside training: after the start line, within the next few steps.
+            let mut resumed_from = None;
+            loop {
+                match rx.recv_timeout(Duration::from_secs(60)) {
+                    Ok(l) if l.starts_with("resuming from step ") => {
+                        resumed_from = l["resuming from step ".len()..]
+                            .split_whitespace()
+                            .next()
+                            .and_then(|s| s.parse::<u64>().ok());
+                        break;
+                    }
+                    Ok(l) if l.starts_with("run directory:") => break,
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            assert_eq!(
+                resumed_from, newest_before,
+                "restart {i} did not resume from the newest valid checkpoint"
+            );
+            std::thread::sleep(Duration::from_millis(r % (window / 20).max(50)));
+        }
+        if child.try_wait().unwrap().is_some() {
+            finished = true;
+            break;
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        killed += 1;
+        let newest = elastic_guardian::kernel::checkpoint::list(&dir.path().join("checkpoints"))
+            .first()
+            .map(|(s, _)| *s);
+        let mid_write = std::fs::read_dir(dir.path().join("checkpoints"))
+            .map(|rd| {
+                rd.flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+            })
+            .unwrap_or(false);
+        if mid_write {
+            in_writes += 1;
+        }
+        eprintln!(
+            "kill {killed}: newest checkpoint {newest:?} (valid before start: {newest_before:?}){}",
+            if mid_write {
+                ", killed inside a checkpoint write"
+            } else {
+                ""
+            }
+        );
+    }
+    // Finish (restarts resume from the newest valid checkpoint).
+    let out = eg_train(dir.path(), &[]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    eprintln!(
+        "uninterrupted run {full:?}; {killed} kills ({in_writes} inside checkpoint writes); finished early: {finished}"
+    );
+    assert_eq!(killed, kills, "the run finished before all kills landed");
+    let got = losses(dir.path());
+    if got != want_l {
+        let first = got.iter().zip(&want_l).position(|(a, b)| a != b);
+        panic!(
+            "after {killed} kills: {} logged steps vs {}; first difference at {first:?}: {:?} vs {:?}",
+            got.len(),
+            want_l.len(),
+            first.map(|i| got[i]),
+            first.map(|i| want_l[i])
+        );
+    }
+    assert!(
+        final_weights(dir.path()) == want_w,
+        "weights differ after {killed} kills"
+    );
+}
+
+#[test]
+fn sigterm_finishes_the_step_checkpoints_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = eg_train(
+        dir.path(),
+        &["train.max_steps=100000", "train.checkpoints.every=1000"],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let metrics = dir.path().join("metrics.jsonl");
+    let start = Instant::now();
+    while std::fs::read_to_string(&metrics)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+        < 3
+    {
+        assert!(start.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let st = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("stopped by signal at step"), "{err}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("checkpoint: "))
+        .unwrap();
+    let ck = Path::new(line.trim_start_matches("checkpoint: "));
+    let ck = if ck.is_absolute() {
+        ck.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap().join(ck)
+    };
+    assert!(eg_kernel_verify(&ck), "{}", ck.display());
+}
+
+fn eg_kernel_verify(dir: &Path) -> bool {
+    elastic_guardian::kernel::checkpoint::verify(dir).is_ok()
+}
