@@ -48,8 +48,15 @@ const CAPACITY_BUDGET: Duration = Duration::from_secs(8);
 /// Most bytes written per storage probe.
 const STORAGE_BYTES: u64 = 256 << 20;
 
-/// Runs `eg hw`.
+/// Runs `eg hw`: prints the report (text or JSON) to stdout.
 pub(crate) fn run(args: HwArgs) -> anyhow::Result<()> {
+    let text = report_text(&args)?;
+    print!("{text}");
+    Ok(())
+}
+
+/// Detects (and probes, with `--probe`) and renders the report as `eg hw` prints it.
+fn report_text(args: &HwArgs) -> anyhow::Result<String> {
     let started = Instant::now();
     let paths = if args.paths.is_empty() {
         vec![PathBuf::from(".")]
@@ -57,6 +64,12 @@ pub(crate) fn run(args: HwArgs) -> anyhow::Result<()> {
         args.paths.clone()
     };
     let root = hw::Root::new(&args.root);
+    if args.probe && !root.is_host() {
+        anyhow::bail!(
+            "--probe measures this machine and cannot be combined with --root {}",
+            args.root.display()
+        );
+    }
     let mut report = paths
         .iter()
         .fold(hw::Detector::new(root.clone()), |d, p| d.storage_path(p))
@@ -76,40 +89,92 @@ pub(crate) fn run(args: HwArgs) -> anyhow::Result<()> {
         })?;
         report.capacity = Some(cap);
 
-        if root.is_host() {
-            let n = report.storage.len();
-            for (i, (store, path)) in report.storage.iter_mut().zip(&paths).enumerate() {
-                let left = PROBE_LIMIT.saturating_sub(started.elapsed());
-                // Write and read passes each get at most this long.
-                let per_pass = (left / (2 * (n - i) as u32)).min(Duration::from_secs(3));
-                if per_pass < Duration::from_millis(100) {
-                    report.warnings.push(format!(
-                        "{}: storage bandwidth not measured (probe time limit reached)",
-                        path.display()
-                    ));
-                    continue;
-                }
-                let limits = hw::storage::BandwidthLimits {
-                    max_bytes: STORAGE_BYTES,
-                    max_duration: per_pass,
-                };
-                let bw = hw::storage::measure_bandwidth(path, limits).with_context(|| {
-                    format!("measuring storage bandwidth in {}", path.display())
-                })?;
-                store.bandwidth = Some(bw);
+        // Storage: each path gets an equal share of what is left of the limit.
+        let n = report.storage.len();
+        for (i, (store, path)) in report.storage.iter_mut().zip(&paths).enumerate() {
+            let left = PROBE_LIMIT.saturating_sub(started.elapsed());
+            // Write and read passes each get at most this long.
+            let per_pass = (left / (2 * (n - i) as u32)).min(Duration::from_secs(3));
+            if per_pass < Duration::from_millis(100) {
+                report.warnings.push(format!(
+                    "{}: storage bandwidth not measured (probe time limit reached)",
+                    path.display()
+                ));
+                continue;
             }
-        } else {
-            report
-                .warnings
-                .push("storage bandwidth is only measured on the host root".to_owned());
+            let limits = hw::storage::BandwidthLimits {
+                max_bytes: STORAGE_BYTES,
+                max_duration: per_pass,
+            };
+            let bw = hw::storage::measure_bandwidth(path, limits)
+                .with_context(|| format!("measuring storage bandwidth in {}", path.display()))?;
+            store.bandwidth = Some(bw);
         }
     }
 
     if args.json {
-        let text = serde_json::to_string_pretty(&report).context("serializing the report")?;
-        println!("{text}");
+        let mut text = serde_json::to_string_pretty(&report).context("serializing the report")?;
+        text.push('\n');
+        Ok(text)
     } else {
-        print!("{report}");
+        Ok(report.to_string())
     }
-    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: HwArgs,
+    }
+
+    const LAPTOP: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../eg-hardware/tests/fixtures/laptop-battery"
+    );
+
+    fn args(list: &[&str]) -> Result<HwArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("eg-hw").chain(list.iter().copied())).map(|c| c.args)
+    }
+
+    #[test]
+    fn json_on_a_fixture_root() {
+        let a = args(&["--root", LAPTOP, "--json", "--path", "/home/me"]).unwrap();
+        let text = report_text(&a).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["schema_version"], 1);
+        assert_eq!(v["power"]["source"], "battery");
+        assert_eq!(v["storage"][0]["kind"], "nvme");
+    }
+
+    #[test]
+    fn text_on_a_fixture_root() {
+        let a = args(&["--root", LAPTOP, "--path", "/home/me"]).unwrap();
+        let text = report_text(&a).unwrap();
+        assert!(
+            text.contains("Power     battery; BAT0 63% Discharging"),
+            "{text}"
+        );
+        assert!(text.contains("ROUGH"), "{text}");
+    }
+
+    #[test]
+    fn probe_is_refused_on_a_fixture_root() {
+        let a = args(&["--root", LAPTOP, "--probe"]).unwrap();
+        let e = report_text(&a).unwrap_err();
+        assert!(
+            e.to_string().contains("--probe measures this machine"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn refresh_needs_probe() {
+        assert!(args(&["--refresh"]).is_err());
+        assert!(args(&["--probe", "--refresh"]).is_ok());
+    }
 }
