@@ -69,7 +69,7 @@ pub use config::{LlamaConfig, ModelType, RopeScaling};
 pub use gguf::{GgufImport, import_gguf};
 pub use gpt2::{Gpt2, Gpt2Config};
 pub use llama::Llama;
-pub use params::ParamStore;
+pub use params::{GradCoverage, ParamStore};
 
 use std::path::PathBuf;
 

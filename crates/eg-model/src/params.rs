@@ -65,6 +65,56 @@ impl ParamStore {
         self.entries.iter().map(|(_, v)| v.elem_count()).sum()
     }
 
+    /// Overwrites every parameter in place with the tensor of the same name (converted to the
+    /// parameter's dtype), e.g. when resuming from a checkpoint. All names must be present
+    /// with the right shapes and no others, or nothing is changed.
+    pub fn set_values(&self, values: &HashMap<String, Tensor>) -> Result<()> {
+        let expected: Vec<(String, Vec<usize>)> = self
+            .entries
+            .iter()
+            .map(|(n, v)| (n.clone(), v.dims().to_vec()))
+            .collect();
+        let shapes = values
+            .iter()
+            .map(|(n, t)| (n.clone(), t.dims().to_vec()))
+            .collect();
+        check_tensor_names(&expected, &shapes, |_| false)?;
+        for (name, var) in &self.entries {
+            if let Some(t) = values.get(name) {
+                var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Which parameters a backward pass left without a usable gradient: none at all, a
+    /// non-finite value, or all zeros (the symptom of an op without a backward, issue #4).
+    pub fn gradient_coverage(
+        &self,
+        grads: &candle_core::backprop::GradStore,
+    ) -> Result<GradCoverage> {
+        let mut cov = GradCoverage::default();
+        for (name, var) in &self.entries {
+            match grads.get(var.as_tensor()) {
+                None => cov.missing.push(name.clone()),
+                Some(g) => {
+                    // A NaN or infinity anywhere makes the sum non-finite.
+                    let sum_abs = g
+                        .to_dtype(DType::F64)?
+                        .abs()?
+                        .sum_all()?
+                        .to_scalar::<f64>()?;
+                    if !sum_abs.is_finite() {
+                        cov.non_finite.push(name.clone());
+                    } else if sum_abs == 0.0 {
+                        cov.zero.push(name.clone());
+                    }
+                }
+            }
+        }
+        Ok(cov)
+    }
+
     /// The current values, by name, detached from the graph, e.g. for saving. They share
     /// storage with the variables (no copy): an in-place optimizer update shows through.
     pub fn tensors(&self) -> BTreeMap<String, Tensor> {
@@ -72,6 +122,24 @@ impl ParamStore {
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
             .collect()
+    }
+}
+
+/// The result of [`ParamStore::gradient_coverage`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GradCoverage {
+    /// Parameters with no gradient.
+    pub missing: Vec<String>,
+    /// Parameters whose gradient has a NaN or an infinity.
+    pub non_finite: Vec<String>,
+    /// Parameters whose gradient is exactly zero everywhere.
+    pub zero: Vec<String>,
+}
+
+impl GradCoverage {
+    /// Whether every parameter has a finite, non-zero gradient.
+    pub fn is_complete(&self) -> bool {
+        self.missing.is_empty() && self.non_finite.is_empty() && self.zero.is_empty()
     }
 }
 

@@ -227,3 +227,56 @@ fn token_ids_outside_the_vocabulary_are_errors_not_panics() {
         Err(eg_model::Error::TokenOutOfRange { id: -1, .. })
     ));
 }
+
+#[test]
+fn gradient_coverage_reports_what_candle_fused_ops_drop() {
+    let cfg = LlamaConfig::tiny_for_tests();
+    let model = Llama::init(&cfg, 2, DType::F32, &Device::Cpu).unwrap();
+    let ids = batch(&cfg, 1, 6, 2);
+    let logits = model.forward(&ids).unwrap();
+    let grads = model
+        .next_token_loss(&logits, &ids, None)
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert!(
+        model
+            .params()
+            .gradient_coverage(&grads)
+            .unwrap()
+            .is_complete()
+    );
+    // A loss through candle's fused softmax (no backward) reaches no parameter at all.
+    let probs = candle_nn::ops::softmax_last_dim(&logits).unwrap();
+    let grads = probs.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    let cov = model.params().gradient_coverage(&grads).unwrap();
+    assert_eq!(cov.missing.len(), model.params().len());
+}
+
+#[test]
+fn set_values_restores_a_snapshot_and_rejects_bad_input() {
+    let cfg = LlamaConfig::tiny_for_tests();
+    let a = Llama::init(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
+    let b = Llama::init(&cfg, 2, DType::F32, &Device::Cpu).unwrap();
+    let snapshot: std::collections::HashMap<String, Tensor> =
+        a.params().tensors().into_iter().collect();
+    b.params().set_values(&snapshot).unwrap();
+    let ids = batch(&cfg, 1, 5, 1);
+    let d = crate::common::max_abs_diff(&a.forward(&ids).unwrap(), &b.forward(&ids).unwrap());
+    assert_eq!(d, 0.0);
+    let mut bad = snapshot.clone();
+    bad.remove("model.norm.weight");
+    assert!(matches!(
+        b.params().set_values(&bad),
+        Err(eg_model::Error::MissingTensors { .. })
+    ));
+    let mut bad = snapshot;
+    bad.insert(
+        "model.norm.weight".into(),
+        Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+    );
+    assert!(matches!(
+        b.params().set_values(&bad),
+        Err(eg_model::Error::ShapeMismatch { .. })
+    ));
+}
