@@ -23,6 +23,7 @@
 //!   or a sharded index, memory-mapped, with typed errors for every bad input, and resolves
 //!   the hf-hub cache layout offline; imports llama GGUF files ([`gguf`]), dequantized and
 //!   with llama.cpp's Q/K row permutation undone;
+//! - keeps a local registry of named, versioned, checksummed model copies ([`registry`]);
 //! - analyses a configuration ([`analysis`]): parameters, bytes, FLOPs and activation bytes
 //!   per token for each module, for the memory planner.
 //!
@@ -60,6 +61,7 @@ pub mod hf;
 pub mod llama;
 pub mod ops;
 pub mod params;
+pub mod registry;
 pub mod safetensors;
 
 pub use analysis::{Analysis, ModuleStats, analyze_llama};
@@ -208,6 +210,40 @@ pub enum Error {
         revision: String,
         /// Where it was looked for.
         path: PathBuf,
+    },
+    /// A registry name or version is not a plain path component.
+    #[error("invalid registry {field} {value:?}: use letters, digits, '-', '_' and '.'")]
+    InvalidRegistryName {
+        /// `name` or `version`.
+        field: &'static str,
+        /// The value given.
+        value: String,
+    },
+    /// The registry already has this entry.
+    #[error("registry already has {name}@{version}")]
+    RegistryEntryExists {
+        /// Name.
+        name: String,
+        /// Version.
+        version: String,
+    },
+    /// The registry has no such entry.
+    #[error("registry has no {spec}; available versions: {available:?}")]
+    RegistryEntryNotFound {
+        /// What was asked for (`name` or `name@version`).
+        spec: String,
+        /// Versions of that name that exist.
+        available: Vec<String>,
+    },
+    /// A file's checksum differs from the one recorded.
+    #[error("checksum mismatch for {file:?}: expected {expected}, found {found}")]
+    ChecksumMismatch {
+        /// The file.
+        file: PathBuf,
+        /// Recorded sha256.
+        expected: String,
+        /// Actual sha256.
+        found: String,
     },
     /// An I/O operation on a path failed.
     #[error("I/O error on {path:?}: {source}")]

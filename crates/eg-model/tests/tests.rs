@@ -19,3 +19,5 @@ mod ops;
 mod parity;
 #[path = "it/real_assets.rs"]
 mod real_assets;
+#[path = "it/registry.rs"]
+mod registry;
