@@ -47,6 +47,16 @@ fn real_assets_smollm2_gguf_matches_candle_transformers_and_knows_paris() {
         (576, 30, 9, 3)
     );
     assert_eq!(cfg.vocab_size, 49152);
+    // The analysis' counts equal the real (imported) tensors'.
+    let real: usize = model.params().iter().map(|(_, v)| v.elem_count()).sum();
+    let analysis = model.analyze(2048);
+    assert_eq!(analysis.params, real as u64);
+    println!(
+        "SmolLM2: {} parameters, {:.1} MFLOP/token forward, {:.1} KiB activations/token at 2048",
+        analysis.params,
+        analysis.forward_flops_per_token as f64 / 1e6,
+        analysis.activation_bytes_per_token as f64 / 1024.0
+    );
 
     // Token ids of the prompt, looked up in the GGUF vocabulary (byte-level BPE: `Ġ` is a
     // leading space; each of these words is a single token in this vocabulary).
@@ -114,6 +124,21 @@ fn real_assets_minilm_embeddings_match_candle_transformers_bert() {
     let dir = asset("minilm");
     let model = Bert::from_hf_dir(&dir, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(model.head(), BertHead::None);
+    // `inspect` (headers only) counts what candle's loader finds in the file.
+    let inspection = eg_model::hf::inspect_dir(&dir, 128).unwrap();
+    let loaded =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let real: usize = loaded.values().map(|t| t.elem_count()).sum();
+    assert_eq!(inspection.params, real as u64);
+    assert_eq!(inspection.tensors.len(), loaded.len());
+    let bytes: usize = loaded
+        .values()
+        .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+        .sum();
+    assert_eq!(
+        inspection.bytes_by_dtype.values().sum::<u64>(),
+        bytes as u64
+    );
     assert_eq!(model.config().num_hidden_layers, 6);
 
     // The reference loads the same files through its own path (candle's mmap loader).
