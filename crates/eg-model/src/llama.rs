@@ -226,6 +226,17 @@ impl Llama {
 
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]` (positions `0..seq`, causal).
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        self.forward_with_positions(ids, None)
+    }
+
+    /// Like [`Llama::forward`] with explicit RoPE positions (`[batch, seq]`, each below
+    /// `max_position_embeddings`), e.g. restarting at every document of a packed row. The
+    /// attention mask stays causal over the whole row.
+    pub fn forward_with_positions(
+        &self,
+        ids: &Tensor,
+        positions: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if t == 0 || t > self.cfg.max_position_embeddings {
             return Err(Error::SequenceTooLong {
@@ -236,8 +247,24 @@ impl Llama {
         let h = self.cfg.hidden_size;
         let flat = crate::params::checked_ids(ids, self.cfg.vocab_size)?;
         let mut x = self.embed.index_select(&flat, 0)?.reshape((b, t, h))?;
-        let cos = self.cos.narrow(0, 0, t)?;
-        let sin = self.sin.narrow(0, 0, t)?;
+        let (cos, sin) = match positions {
+            None => (self.cos.narrow(0, 0, t)?, self.sin.narrow(0, 0, t)?),
+            Some(p) => {
+                if p.dims() != [b, t] {
+                    return Err(Error::ShapeMismatch {
+                        tensor: "positions".to_string(),
+                        expected: vec![b, t],
+                        found: p.dims().to_vec(),
+                    });
+                }
+                let idx = crate::params::checked_ids(p, self.cfg.max_position_embeddings)?;
+                let half = self.cos.dim(1)?;
+                (
+                    self.cos.index_select(&idx, 0)?.reshape((b, t, half))?,
+                    self.sin.index_select(&idx, 0)?.reshape((b, t, half))?,
+                )
+            }
+        };
         for layer in &self.layers {
             x = self.layer_forward(layer, &x, &cos, &sin)?;
         }

@@ -654,12 +654,16 @@ struct RopeOp {
     inverse: bool,
 }
 
+/// `rows_per_batch`: with per-sequence tables (`[batch, seq, d/2]`), how many rows of `x`
+/// belong to one sequence; `None` for one table shared by all (`[seq, d/2]`).
+#[allow(clippy::too_many_arguments)]
 fn rope_kernel<T: Real>(
     x: &[T],
     cos: &[T],
     sin: &[T],
     t: usize,
     d: usize,
+    rows_per_batch: Option<usize>,
     layout: RopeLayout,
     inverse: bool,
 ) -> Vec<T> {
@@ -670,7 +674,10 @@ fn rope_kernel<T: Real>(
         .enumerate()
         .with_min_len(min_rows(d))
         .for_each(|(row, (y, x))| {
-            let pos = row % t;
+            let pos = match rows_per_batch {
+                Some(rpb) => (row / rpb) * t + row % t,
+                None => row % t,
+            };
             let cs = &cos[pos * half..(pos + 1) * half];
             let sn = &sin[pos * half..(pos + 1) * half];
             for i in 0..half {
@@ -721,7 +728,12 @@ impl CustomOp3 for RopeOp {
             let x = slice::<T>(s1, l1, self.name())?;
             let cos = slice::<T>(s2, l2, self.name())?;
             let sin = slice::<T>(s3, l3, self.name())?;
-            let y = rope_kernel(x, cos, sin, t, d, self.layout, self.inverse);
+            let rows = x.len() / d.max(1);
+            let rows_per_batch = match l2.dims() {
+                [b, _, _] => Some(rows / (*b).max(1)),
+                _ => None,
+            };
+            let y = rope_kernel(x, cos, sin, t, d, rows_per_batch, self.layout, self.inverse);
             Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
         })
     }
@@ -748,7 +760,9 @@ impl CustomOp3 for RopeOp {
 }
 
 /// Rotary position embedding of `x` (`[batch, heads, seq, head_dim]`, or any shape whose last
-/// two dimensions are `[seq, head_dim]`) with `cos`/`sin` of shape `[seq, head_dim / 2]`.
+/// two dimensions are `[seq, head_dim]`) with `cos`/`sin` of shape `[seq, head_dim / 2]`
+/// (the same positions for every sequence) or `[batch, seq, head_dim / 2]` (each sequence's
+/// own positions, e.g. restarting at each document of a packed row).
 ///
 /// The gradient flows to `x` only: `cos` and `sin` are constants (computed from positions).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, layout: RopeLayout) -> Result<Tensor> {
@@ -765,12 +779,15 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, layout: RopeLayout) -> Resul
         }
     };
     last_dim_of(&xw, "rope input")?;
-    let cs = [t, d / 2];
+    let shared = vec![t, d / 2];
+    // Per-sequence tables need a batch dimension in `x` (`[batch, ..., seq, head_dim]`).
+    let per_batch = (dims.len() >= 3).then(|| vec![dims[0], t, d / 2]);
     for (name, tensor) in [("rope cos", cos), ("rope sin", sin)] {
-        if d % 2 != 0 || tensor.dims() != cs {
+        let ok = tensor.dims() == shared.as_slice() || per_batch.as_deref() == Some(tensor.dims());
+        if d % 2 != 0 || !ok || cos.dims() != sin.dims() {
             return Err(Error::ShapeMismatch {
                 tensor: name.to_string(),
-                expected: cs.to_vec(),
+                expected: shared.clone(),
                 found: tensor.dims().to_vec(),
             });
         }

@@ -483,3 +483,38 @@ fn swiglu_matches_composite() {
         1e-5,
     );
 }
+
+#[test]
+fn rope_with_per_sequence_tables_matches_finite_differences_and_shared_tables() {
+    let (cos, sin) = rope_tables(4, 6, DType::F64);
+    // Sequence 0 at positions 0..4, sequence 1 at 2..4 then 0..2 (a packed row).
+    let idx = Tensor::new(&[0u32, 1, 2, 3, 2, 3, 0, 1], &Device::Cpu).unwrap();
+    let bc = cos
+        .index_select(&idx, 0)
+        .unwrap()
+        .reshape((2, 4, 3))
+        .unwrap();
+    let bs = sin
+        .index_select(&idx, 0)
+        .unwrap()
+        .reshape((2, 4, 3))
+        .unwrap();
+    for layout in [RopeLayout::HalfSplit, RopeLayout::Interleaved] {
+        let x = rand_t(50, &[2, 3, 4, 6], DType::F64);
+        fd_check(
+            &|t| ops::rope(&t[0], &t[1], &t[2], layout).unwrap(),
+            &[x.clone(), bc.clone(), bs.clone()],
+            &[0],
+        );
+        // Sequence 0's rows equal the shared-table result.
+        let a = ops::rope(&x, &bc, &bs, layout)
+            .unwrap()
+            .narrow(0, 0, 1)
+            .unwrap();
+        let b = ops::rope(&x, &cos, &sin, layout)
+            .unwrap()
+            .narrow(0, 0, 1)
+            .unwrap();
+        assert_eq!(max_abs_diff(&a, &b), 0.0);
+    }
+}
