@@ -12,8 +12,12 @@
 //! still falls. This crate therefore:
 //!
 //! - provides fused ops **with** a backward pass in [`ops`] (RMSNorm, LayerNorm, softmax with
-//!   an optional fused causal mask, RoPE in both layouts, a fused cross entropy), each checked
-//!   against finite differences and the composite candle formulation;
+//!   an optional fused scale and causal/sliding-window mask, RoPE in both layouts with shared
+//!   or per-sequence positions, SwiGLU, a fused cross entropy with ignored rows), each checked
+//!   against finite differences in f64 and against the composite candle formulation. Each
+//!   backward is one row-parallel pass (rayon) that recomputes cheap statistics instead of
+//!   storing them, and weight gradients are reduced over fixed row blocks in a fixed order,
+//!   so results do not depend on the thread count;
 //! - builds the Llama family (Llama 2/3 incl. llama3 RoPE scaling, Mistral, Qwen2 with q/k/v
 //!   bias; grouped-query attention; tied or untied embeddings) and GPT-2 on candle
 //!   [`candle_core::Var`]s held in a [`ParamStore`] under Hugging Face tensor names;
@@ -28,7 +32,12 @@
 //!   per token for each module, for the memory planner.
 //!
 //! `candle-transformers` is used only in tests, as the inference reference the logits must
-//! match.
+//! match (Llama, Llama 3 RoPE scaling, Qwen2, Mistral, BERT, quantized llama for GGUF; GPT-2
+//! against a composite reference, as candle-transformers has none).
+//!
+//! Loading reads safetensors through this crate's own memory-mapped reader
+//! ([`safetensors`]) rather than candle's, so that every defect of a file (truncation, a bad
+//! header, offsets that do not match the shape) is a typed [`Error`] naming the tensor.
 //!
 //! ## Example
 //!
