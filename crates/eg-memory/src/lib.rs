@@ -75,8 +75,8 @@
 //! assert_eq!(s.micro_batch * s.accumulation, 16);
 //! assert!(plan.chosen.estimate.peak <= budget.usable);
 //!
-//! // With 600 MiB nothing fits, and the error says what would help.
-//! let small = Budget::new(None, 1.0, Some(Bytes(600 << 20)), Bytes(256 << 20))?;
+//! // With a 300 MiB limit nothing fits, and the error says what would help (LoRA here).
+//! let small = Budget::new(None, 1.0, Some(Bytes(300 << 20)), Bytes(64 << 20))?;
 //! let err = eg_memory::plan(&request, &small, &MemoryModel::default(), &SpeedModel::default())
 //!     .unwrap_err();
 //! assert!(err.to_string().contains("would help"));

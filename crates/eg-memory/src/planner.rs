@@ -695,6 +695,8 @@ mod tests {
         MemoryModel {
             runtime_overhead: Bytes(0),
             offload_window: Bytes(1 << 20),
+            rollback_snapshot: false,
+            checkpoint_copies: 0,
         }
     }
 
