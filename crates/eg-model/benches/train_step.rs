@@ -35,6 +35,10 @@ fn fwd_bwd(f: &dyn Fn(&Tensor) -> Tensor, x: &Var) -> f64 {
 fn main() {
     println!("threads: {}", candle_core::utils::get_num_threads());
     let only_step = std::env::args().any(|a| a == "step");
+    if std::env::args().any(|a| a == "compare") {
+        compare_composite();
+        return;
+    }
     if !only_step {
         ops_timings();
     }
@@ -211,4 +215,158 @@ fn rss_bytes() -> u64 {
         .and_then(|p| p.parse().ok())
         .unwrap_or(0);
     pages * 4096
+}
+
+/// The same Llama written with composite candle ops (all differentiable), reading the same
+/// parameters: the baseline the fused ops are compared with.
+fn composite_forward(model: &Llama, ids: &Tensor) -> Tensor {
+    let cfg = model.config();
+    let p = |n: &str| model.params().get(n).unwrap().as_tensor().clone();
+    let (b, t) = ids.dims2().unwrap();
+    let (h, nh, nkv, hd) = (
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.num_kv_heads(),
+        cfg.head_dim(),
+    );
+    let rms = |x: &Tensor, w: &Tensor| {
+        let r = (x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + cfg.rms_norm_eps)
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .recip()
+            .unwrap();
+        x.broadcast_mul(&r).unwrap().broadcast_mul(w).unwrap()
+    };
+    let lin = |x: &Tensor, w: &Tensor| x.broadcast_matmul(&w.t().unwrap()).unwrap();
+    let inv: Vec<f32> = cfg.inv_freq().iter().map(|&f| f as f32).collect();
+    let ang: Vec<f32> = (0..t)
+        .flat_map(|q| inv.iter().map(move |f| q as f32 * f))
+        .collect();
+    let ang = Tensor::from_vec(ang, (t, hd / 2), &Device::Cpu).unwrap();
+    let (cos, sin) = (ang.cos().unwrap(), ang.sin().unwrap());
+    let mask: Vec<f32> = (0..t * t)
+        .map(|k| {
+            if k % t <= k / t {
+                0.0
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu).unwrap();
+    let mut x = p("model.embed_tokens.weight")
+        .index_select(&ids.flatten_all().unwrap(), 0)
+        .unwrap()
+        .reshape((b, t, h))
+        .unwrap();
+    for l in 0..cfg.num_hidden_layers {
+        let n = |s: &str| p(&format!("model.layers.{l}.{s}"));
+        let hs = rms(&x, &n("input_layernorm.weight"));
+        let heads = |y: Tensor, k: usize| {
+            y.reshape((b, t, k, hd))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let q = heads(lin(&hs, &n("self_attn.q_proj.weight")), nh);
+        let k = heads(lin(&hs, &n("self_attn.k_proj.weight")), nkv);
+        let v = heads(lin(&hs, &n("self_attn.v_proj.weight")), nkv);
+        let q = candle_nn::rotary_emb::rope_slow(&q, &cos, &sin).unwrap();
+        let k = candle_nn::rotary_emb::rope_slow(&k, &cos, &sin).unwrap();
+        let rep = nh / nkv;
+        let k = candle_transformers_free_repeat(&k, rep);
+        let v = candle_transformers_free_repeat(&v, rep);
+        let s = (q.matmul(&k.t().unwrap()).unwrap() / (hd as f64).sqrt()).unwrap();
+        let pr = candle_nn::ops::softmax(&s.broadcast_add(&mask).unwrap(), D::Minus1).unwrap();
+        let a = pr
+            .matmul(&v)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, t, nh * hd))
+            .unwrap();
+        x = (x + lin(&a, &n("self_attn.o_proj.weight"))).unwrap();
+        let hs = rms(&x, &n("post_attention_layernorm.weight"));
+        let g = lin(&hs, &n("mlp.gate_proj.weight")).silu().unwrap();
+        let u = lin(&hs, &n("mlp.up_proj.weight"));
+        x = (x + lin(&(g * u).unwrap(), &n("mlp.down_proj.weight"))).unwrap();
+    }
+    let x = rms(&x, &p("model.norm.weight"));
+    lin(&x, &p("lm_head.weight"))
+}
+
+fn candle_transformers_free_repeat(x: &Tensor, rep: usize) -> Tensor {
+    if rep == 1 {
+        return x.clone();
+    }
+    let (b, n, t, d) = x.dims4().unwrap();
+    Tensor::cat(&vec![x; rep], 2)
+        .unwrap()
+        .reshape((b, n * rep, t, d))
+        .unwrap()
+}
+
+fn compare_composite() {
+    let cfg = LlamaConfig {
+        hidden_size: 256,
+        intermediate_size: 704,
+        num_hidden_layers: 4,
+        num_attention_heads: 8,
+        num_key_value_heads: Some(8),
+        vocab_size: 6144,
+        max_position_embeddings: 256,
+        ..LlamaConfig::tiny_for_tests()
+    };
+    let model = Llama::init(&cfg, 0, DType::F32, &Device::Cpu).unwrap();
+    let ids: Vec<u32> = (0..8 * 256u32)
+        .map(|i| i.wrapping_mul(2_654_435_761) % 6144)
+        .collect();
+    let ids = Tensor::from_vec(ids, (8, 256), &Device::Cpu).unwrap();
+    let labels = ids.narrow(1, 1, 255).unwrap().flatten_all().unwrap();
+    // Same loss value both ways (a correctness check of the comparison itself).
+    let fused_loss = {
+        let l = model.forward(&ids).unwrap();
+        model
+            .next_token_loss(&l, &ids, None)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let comp_loss = {
+        let l = composite_forward(&model, &ids).narrow(1, 0, 255).unwrap();
+        candle_nn::loss::cross_entropy(&l.reshape((8 * 255, 6144)).unwrap(), &labels)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    println!("loss fused {fused_loss:.6}, composite {comp_loss:.6}");
+    let (mut best_f, mut best_c) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..3 {
+        // Alternate so both see the same machine load.
+        let t = Instant::now();
+        let l = model.forward(&ids).unwrap();
+        let g = model
+            .next_token_loss(&l, &ids, None)
+            .unwrap()
+            .backward()
+            .unwrap();
+        best_f = best_f.min(t.elapsed().as_secs_f64());
+        drop(g);
+        let t = Instant::now();
+        let l = composite_forward(&model, &ids).narrow(1, 0, 255).unwrap();
+        let loss =
+            candle_nn::loss::cross_entropy(&l.reshape((8 * 255, 6144)).unwrap(), &labels).unwrap();
+        let g = loss.backward().unwrap();
+        best_c = best_c.min(t.elapsed().as_secs_f64());
+        drop(g);
+    }
+    println!(
+        "forward+backward, best of 3 alternating: fused {:.0} ms, composite {:.0} ms ({:.2}x)",
+        best_f * 1e3,
+        best_c * 1e3,
+        best_c / best_f
+    );
 }
