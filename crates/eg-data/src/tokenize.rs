@@ -210,6 +210,21 @@ pub enum ChatTemplate {
 }
 
 impl ChatTemplate {
+    /// The template a `tokenizer_config.json` asks for, recognised from the markers in its
+    /// `chat_template` (a Jinja string this crate does not execute); `None` when absent or
+    /// unknown.
+    pub fn from_tokenizer_config(json: &str) -> Option<Self> {
+        let v: serde_json::Value = serde_json::from_str(json).ok()?;
+        let t = v.get("chat_template")?.as_str()?;
+        if t.contains("<|start_header_id|>") {
+            Some(ChatTemplate::Llama3)
+        } else if t.contains("<|im_start|>") {
+            Some(ChatTemplate::ChatMl)
+        } else {
+            None
+        }
+    }
+
     /// Render a conversation as `(prompt, completion)`: the completion is the content of the
     /// last assistant message and its end marker (trained on); everything before it is the
     /// prompt (masked from the loss). Without an assistant message, everything is prompt.
@@ -488,5 +503,21 @@ mod tests {
             "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
         );
         assert_eq!(c, "hello<|eot_id|>");
+    }
+
+    #[test]
+    fn template_is_detected_from_tokenizer_config() {
+        let chatml =
+            r#"{"chat_template": "{% for m in messages %}<|im_start|>{{m.role}}{% endfor %}"}"#;
+        assert_eq!(
+            ChatTemplate::from_tokenizer_config(chatml),
+            Some(ChatTemplate::ChatMl)
+        );
+        let llama = r#"{"chat_template": "<|start_header_id|>{{ role }}<|end_header_id|>"}"#;
+        assert_eq!(
+            ChatTemplate::from_tokenizer_config(llama),
+            Some(ChatTemplate::Llama3)
+        );
+        assert_eq!(ChatTemplate::from_tokenizer_config("{}"), None);
     }
 }

@@ -3,5 +3,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may panic
 
 mod loader;
+mod real_text;
 mod stream;
 mod tokenize;
