@@ -18,10 +18,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
-use serde::{Deserialize, Serialize};
+use std::io::Write;
 
-use crate::fsio::{sha256_file, sync_dir, sync_file, write_atomic};
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::fsio::{sha256_file, sync_dir, write_atomic};
 use crate::optim::{OptimizerKind, OptimizerState};
 use crate::{Error, Result};
 
@@ -87,15 +90,95 @@ pub fn step_dir_name(step: u64) -> String {
     format!("step-{step:08}")
 }
 
-fn tensors_of(map: &NamedBuffers) -> Result<BTreeMap<String, Tensor>> {
-    let mut out = BTreeMap::new();
-    for (name, (shape, v)) in map {
-        out.insert(
-            name.clone(),
-            Tensor::from_slice(v.as_slice(), shape.as_slice(), &Device::Cpu)?,
+/// Writes `buffers` as an f32 safetensors file, hashing while writing (no second read), and
+/// syncs it. The file lives in the checkpoint's temporary directory, which is renamed into
+/// place as a whole, so it needs no temporary name of its own.
+fn write_safetensors(
+    path: &Path,
+    buffers: &NamedBuffers,
+    metadata: &BTreeMap<String, String>,
+) -> Result<FileEntry> {
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert(
+            "__metadata__".to_string(),
+            serde_json::to_value(metadata).map_err(|source| Error::Json {
+                what: "safetensors metadata",
+                source,
+            })?,
         );
     }
-    Ok(out)
+    let mut offset = 0usize;
+    for (name, (shape, v)) in buffers {
+        let n = v.len() * 4;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + n]}),
+        );
+        offset += n;
+    }
+    let mut head = serde_json::to_vec(&header).map_err(|source| Error::Json {
+        what: "safetensors header",
+        source,
+    })?;
+    while head.len() % 8 != 0 {
+        head.push(b' ');
+    }
+    let file = std::fs::File::create(path).map_err(Error::io(path))?;
+    let mut w = HashWriter {
+        inner: std::io::BufWriter::with_capacity(1 << 20, file),
+        hash: Sha256::new(),
+        bytes: 0,
+    };
+    let io = |e| Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    w.write_all(&(head.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    w.write_all(&head).map_err(io)?;
+    let mut buf = Vec::with_capacity(1 << 16);
+    for (_, v) in buffers.values() {
+        for chunk in v.chunks(1 << 14) {
+            buf.clear();
+            for x in chunk {
+                buf.extend_from_slice(&x.to_le_bytes());
+            }
+            w.write_all(&buf).map_err(io)?;
+        }
+    }
+    let HashWriter { inner, hash, bytes } = w;
+    let file = inner.into_inner().map_err(|e| io(e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    Ok(FileEntry {
+        sha256: hex::encode(hash.finalize()),
+        bytes,
+    })
+}
+
+struct HashWriter<W> {
+    inner: W,
+    hash: Sha256,
+    bytes: u64,
+}
+
+impl<W: Write> HashWriter<W> {
+    fn write_all(&mut self, b: &[u8]) -> std::io::Result<()> {
+        self.hash.update(b);
+        self.bytes += b.len() as u64;
+        self.inner.write_all(b)
+    }
+}
+
+/// Writes a small file (synced) and returns its entry.
+fn write_small(path: &Path, bytes: &[u8]) -> Result<FileEntry> {
+    let mut f = std::fs::File::create(path).map_err(Error::io(path))?;
+    f.write_all(bytes).map_err(Error::io(path))?;
+    f.sync_all().map_err(Error::io(path))?;
+    Ok(FileEntry {
+        sha256: hex::encode(Sha256::digest(bytes)),
+        bytes: bytes.len() as u64,
+    })
 }
 
 /// Writes a checkpoint under `root` atomically and returns its directory.
@@ -108,11 +191,11 @@ pub fn save(root: &Path, data: &CheckpointData) -> Result<PathBuf> {
     }
     std::fs::create_dir_all(&tmp).map_err(Error::io(&tmp))?;
     let result = (|| {
-        eg_model::safetensors::write(
-            &tmp.join(MODEL),
-            &tensors_of(&data.weights)?,
-            &BTreeMap::new(),
-        )?;
+        let mut files = BTreeMap::new();
+        files.insert(
+            MODEL.to_string(),
+            write_safetensors(&tmp.join(MODEL), &data.weights, &BTreeMap::new())?,
+        );
         let kind = serde_json::to_string(&data.optimizer.kind).map_err(|source| Error::Json {
             what: "optimizer kind",
             source,
@@ -121,24 +204,23 @@ pub fn save(root: &Path, data: &CheckpointData) -> Result<PathBuf> {
             ("t".to_string(), data.optimizer.t.to_string()),
             ("kind".to_string(), kind),
         ]);
-        eg_model::safetensors::write(
-            &tmp.join(OPTIMIZER),
-            &tensors_of(&data.optimizer.buffers)?,
-            &meta,
-        )?;
-        write_atomic(&tmp.join(TRAINER), &data.trainer_json)?;
-        write_atomic(&tmp.join(CURSOR), &data.cursor_json)?;
-        let mut names = REQUIRED.to_vec();
+        files.insert(
+            OPTIMIZER.to_string(),
+            write_safetensors(&tmp.join(OPTIMIZER), &data.optimizer.buffers, &meta)?,
+        );
+        files.insert(
+            TRAINER.to_string(),
+            write_small(&tmp.join(TRAINER), &data.trainer_json)?,
+        );
+        files.insert(
+            CURSOR.to_string(),
+            write_small(&tmp.join(CURSOR), &data.cursor_json)?,
+        );
         if let Some(c) = &data.config_toml {
-            write_atomic(&tmp.join(CONFIG), c.as_bytes())?;
-            names.push(CONFIG);
-        }
-        let mut files = BTreeMap::new();
-        for n in names {
-            let p = tmp.join(n);
-            sync_file(&p)?;
-            let (sha256, bytes) = sha256_file(&p)?;
-            files.insert(n.to_string(), FileEntry { sha256, bytes });
+            files.insert(
+                CONFIG.to_string(),
+                write_small(&tmp.join(CONFIG), c.as_bytes())?,
+            );
         }
         let manifest = Manifest {
             format: 1,

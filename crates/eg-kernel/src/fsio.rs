@@ -35,12 +35,6 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
     d.sync_all().map_err(Error::io(dir))
 }
 
-/// Syncs an existing file's contents.
-pub(crate) fn sync_file(path: &Path) -> Result<()> {
-    let f = std::fs::File::open(path).map_err(Error::io(path))?;
-    f.sync_all().map_err(Error::io(path))
-}
-
 /// The hex sha256 of a file's contents and its length.
 pub fn sha256_file(path: &Path) -> Result<(String, u64)> {
     let mut f = std::fs::File::open(path).map_err(Error::io(path))?;

@@ -82,3 +82,44 @@ fn stop_flag_finishes_the_step_and_checkpoints() {
     assert!(r.checkpoint.unwrap().ends_with("step-00000003"));
     assert!(eg_kernel::checkpoint::verify(&dir.path().join("checkpoints/step-00000003")).is_ok());
 }
+
+#[test]
+fn sft_trains_only_on_response_tokens() {
+    use eg_data::{InMemoryDataset, Loader, LoaderOptions, Packing, Placement};
+    let mut d = InMemoryDataset::new();
+    for i in 0..40u32 {
+        let prompt: Vec<u32> = (0..6).map(|j| (i + j) % 30 + 1).collect();
+        let answer: Vec<u32> = (0..(3 + i % 5)).map(|j| 40 + (i + j) % 20).collect();
+        let all: Vec<u32> = prompt.iter().chain(&answer).copied().collect();
+        d.push(&all, prompt.len());
+    }
+    let opts = LoaderOptions {
+        seq_len: SEQ,
+        rows_per_step: 4,
+        packing: Packing::BestFit { window: 16 },
+        eos_id: Some(0),
+        seed: 3,
+        ..LoaderOptions::default()
+    };
+    let mut l = Loader::new(
+        std::sync::Arc::new(d.clone()),
+        opts.clone(),
+        Placement::SINGLE,
+    )
+    .unwrap();
+    let b = l.next_batch().unwrap().unwrap();
+    let targets = eg_kernel::batch_targets(&b);
+    // Every target is a response token (>= 40) or EOS, never a prompt token.
+    assert!(
+        targets.iter().flatten().all(|&t| t >= 40 || t == 0),
+        "{targets:?}"
+    );
+    let n = targets.iter().flatten().count();
+    assert!(n > 0);
+    // And the loop trains on such batches.
+    let m = model();
+    let opt = eg_kernel::Optimizer::new(adamw(), 0.0, &shapes(&m)).unwrap();
+    let loader = Loader::new(std::sync::Arc::new(d), opts, Placement::SINGLE).unwrap();
+    let mut t = eg_kernel::Trainer::new(m, opt, loader, options(5, 2)).unwrap();
+    assert_eq!(t.fit().unwrap().steps, 5);
+}
