@@ -306,6 +306,67 @@ pub(crate) fn run(args: PlanArgs) -> anyhow::Result<std::process::ExitCode> {
 mod tests {
     use super::*;
 
+    /// A cgroup v2 container limited to `limit` bytes.
+    fn container(dir: &std::path::Path, limit: u64) {
+        let w = |rel: &str, text: &str| {
+            let p = dir.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        };
+        w("proc/self/cgroup", "0::/job\n");
+        w(
+            "proc/self/mountinfo",
+            "1 0 0:1 / / rw - overlay overlay rw\n2 1 0:2 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n",
+        );
+        w(
+            "proc/meminfo",
+            "MemTotal: 16777216 kB\nMemAvailable: 16000000 kB\n",
+        );
+        w("sys/fs/cgroup/cgroup.controllers", "memory\n");
+        w("sys/fs/cgroup/job/memory.max", &format!("{limit}\n"));
+        w("sys/fs/cgroup/job/memory.high", "max\n");
+        w("sys/fs/cgroup/job/memory.current", "0\n");
+    }
+
+    fn args(root: &std::path::Path, set: &[&str]) -> PlanArgs {
+        PlanArgs {
+            config: Vec::new(),
+            set: set.iter().map(|s| s.to_string()).collect(),
+            json: false,
+            all: false,
+            vocab: None,
+            cache_dir: root.join("no-cache"),
+            root: root.to_path_buf(),
+        }
+    }
+
+    #[test]
+    fn default_config_plans_in_a_roomy_container() {
+        let t = tempfile::tempdir().unwrap();
+        container(t.path(), 8 << 30);
+        let code = run(args(t.path(), &[])).unwrap();
+        assert_eq!(code, std::process::ExitCode::SUCCESS);
+    }
+
+    #[test]
+    fn a_small_container_is_a_memory_error_with_exit_code_7() {
+        let t = tempfile::tempdir().unwrap();
+        container(t.path(), 400 << 20);
+        let a = args(
+            t.path(),
+            &[
+                "model.source=builtin:small-llama",
+                "data.seq_len=512",
+                "train.batch.global_tokens=16384",
+                "memory.reserve=\"256MiB\"",
+                "memory.activation_checkpointing=off",
+            ],
+        );
+        let err = run(a).unwrap_err();
+        assert_eq!(exit::code_of(&err), 7, "{err:#}");
+        assert!(err.to_string().contains("would help"), "{err:#}");
+    }
+
     #[test]
     fn profile_matches_the_analysis() {
         let cfg = model::builtin::config("tiny-llama", 257, 256).unwrap();
