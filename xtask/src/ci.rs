@@ -1,4 +1,13 @@
 //! `cargo xtask ci`: the checks CI runs, cheapest first.
+//!
+//! The last step, `assets`, runs the suites that need the real test assets:
+//! by convention they are `#[ignore]`d (so plain `cargo test` stays offline)
+//! and live in a test module whose name starts with `real_` (`real_assets`,
+//! `real_text`, ...). The step first runs `cargo xtask fetch-assets` (which
+//! only verifies when the assets are already there), then
+//! `cargo test --workspace --tests -- --ignored real_`. Nothing is skipped
+//! silently: without network or assets the step fails; `--skip-assets` is
+//! the explicit way out.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -16,19 +25,28 @@ pub(crate) struct Options {
 /// One check: a name and the cargo invocation that performs it.
 struct Step {
     name: &'static str,
+    /// Work done in-process before the cargo invocation.
+    prepare: Option<fn() -> Result<()>>,
     args: &'static [&'static str],
     env: &'static [(&'static str, &'static str)],
+}
+
+fn fetch_assets() -> Result<()> {
+    crate::assets::run(&crate::assets::Options::default())
+        .context("the real test assets are needed; without network use --skip-assets")
 }
 
 /// The steps, cheapest first.
 const STEPS: &[Step] = &[
     Step {
         name: "fmt",
+        prepare: None,
         args: &["fmt", "--all", "--", "--check"],
         env: &[],
     },
     Step {
         name: "clippy",
+        prepare: None,
         args: &[
             "clippy",
             "--workspace",
@@ -41,6 +59,7 @@ const STEPS: &[Step] = &[
     },
     Step {
         name: "layering",
+        prepare: None,
         // The rule's unit tests and the check of the real workspace and ARCHITECTURE.md.
         args: &[
             "test", "-p", "eg-tests", "--lib", "--test", "tests", "--", "layering",
@@ -49,13 +68,21 @@ const STEPS: &[Step] = &[
     },
     Step {
         name: "tests",
+        prepare: None,
         args: &["test", "--workspace"],
         env: &[],
     },
     Step {
         name: "doc",
+        prepare: None,
         args: &["doc", "--workspace", "--no-deps"],
         env: &[("RUSTDOCFLAGS", "-Dwarnings")],
+    },
+    Step {
+        name: "assets",
+        prepare: Some(fetch_assets),
+        args: &["test", "--workspace", "--tests", "--", "--ignored", "real_"],
+        env: &[],
     },
 ];
 
@@ -93,6 +120,12 @@ pub(crate) fn run(options: &Options) -> Result<()> {
         let shown = render(step);
         println!("\nxtask ci: [{}] {shown}", step.name);
         let t0 = Instant::now();
+        if let Some(prepare) = step.prepare
+            && let Err(e) = prepare()
+        {
+            print_timings(&timings, started.elapsed());
+            return Err(e.context(format!("step `{}` failed", step.name)));
+        }
         let status = Command::new(cargo())
             .args(step.args)
             .envs(step.env.iter().copied())
@@ -139,7 +172,10 @@ mod tests {
     #[test]
     fn steps_run_cheapest_first() {
         let names: Vec<&str> = STEPS.iter().map(|s| s.name).collect();
-        assert_eq!(names, ["fmt", "clippy", "layering", "tests", "doc"]);
+        assert_eq!(
+            names,
+            ["fmt", "clippy", "layering", "tests", "doc", "assets"]
+        );
     }
 
     #[test]
@@ -149,7 +185,7 @@ mod tests {
         let err = Options::parse(&["--skip-lint".to_owned()]).unwrap_err();
         assert!(
             err.to_string()
-                .contains("fmt, clippy, layering, tests, doc"),
+                .contains("fmt, clippy, layering, tests, doc, assets"),
             "{err}"
         );
     }

