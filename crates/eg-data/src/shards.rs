@@ -14,6 +14,8 @@ use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use memmap2::Mmap;
 
 use crate::{Error, Result, TokenDataset};
@@ -238,7 +240,11 @@ struct Shard {
     samples: u64,
     tokens: Option<Mmap>,
     index: Mmap,
+    /// Upper bound of the bytes of mapped pages touched since the last release.
+    touched: AtomicU64,
 }
+
+const PAGE: u64 = 4096;
 
 impl Shard {
     fn open(files: ShardFiles) -> Result<Self> {
@@ -294,8 +300,39 @@ impl Shard {
             samples,
             tokens,
             index,
+            touched: AtomicU64::new(0),
         })
     }
+
+    /// Account for `bytes` read (at least a page) and, past `limit`, drop this process's
+    /// mapped pages so the resident set stays bounded; the data stays in the page cache.
+    fn touch(&self, bytes: usize, limit: u64) {
+        let add = (bytes as u64).div_ceil(PAGE).max(1) * PAGE;
+        if self.touched.fetch_add(add, Ordering::Relaxed) + add > limit {
+            self.touched.store(0, Ordering::Relaxed);
+            self.release();
+        }
+    }
+
+    #[cfg(unix)]
+    fn release(&self) {
+        use memmap2::UncheckedAdvice;
+        for m in [self.tokens.as_ref(), Some(&self.index)]
+            .into_iter()
+            .flatten()
+        {
+            // SAFETY: both maps are read-only shared mappings of files that are never
+            // modified (see `map`). MADV_DONTNEED on such a mapping only unmaps the pages
+            // from this process; the next access re-reads the same bytes from the page cache
+            // or the file, so slices borrowed from the map keep their contents.
+            if let Err(e) = unsafe { m.unchecked_advise(UncheckedAdvice::DontNeed) } {
+                tracing::debug!(path = %self.files.tokens.display(), error = %e, "madvise(DONTNEED) failed");
+            }
+        }
+    }
+
+    #[cfg(not(unix))]
+    fn release(&self) {}
 
     fn bounds(&self, i: u64) -> (usize, usize) {
         let i = i as usize;
@@ -314,12 +351,21 @@ impl Shard {
 }
 
 /// A set of shards read as one [`TokenDataset`]; sample ids run through the shards in order.
+///
+/// Pages of memory-mapped files count in a process's resident set once touched. Random
+/// access over a large corpus would touch all of them, so each shard releases its mapped
+/// pages (`madvise(MADV_DONTNEED)`) after about [`TokenShards::resident_limit`] bytes of
+/// pages were touched: RSS stays bounded while the data stays in the kernel's page cache.
 #[derive(Debug)]
 pub struct TokenShards {
     shards: Vec<Shard>,
     /// `starts[i]` is the first sample id of shard `i`; one extra entry holds the total.
     starts: Vec<u64>,
+    resident_limit: u64,
 }
+
+/// Default of [`TokenShards::with_resident_limit`]: 64 MiB of touched pages per shard.
+pub const DEFAULT_RESIDENT_LIMIT: u64 = 64 << 20;
 
 impl TokenShards {
     /// Open shards by their file pairs, validating each.
@@ -333,7 +379,22 @@ impl TokenShards {
             starts.push(n);
             shards.push(s);
         }
-        Ok(Self { shards, starts })
+        Ok(Self {
+            shards,
+            starts,
+            resident_limit: DEFAULT_RESIDENT_LIMIT,
+        })
+    }
+
+    /// Release mapped pages after `bytes` of pages were touched in a shard (`u64::MAX`: never).
+    pub fn with_resident_limit(mut self, bytes: u64) -> Self {
+        self.resident_limit = bytes;
+        self
+    }
+
+    /// The current limit (see [`TokenShards::with_resident_limit`]).
+    pub fn resident_limit(&self) -> u64 {
+        self.resident_limit
     }
 
     /// Open every shard (`*.index` with its `.tokens`) in `dir`, in file-name order.
@@ -386,12 +447,14 @@ impl TokenDataset for TokenShards {
 
     fn sample_len(&self, id: u64) -> Result<usize> {
         let (s, i) = self.locate(id)?;
+        s.touch(RECORD, self.resident_limit);
         let (a, b) = s.bounds(i);
         Ok(b - a)
     }
 
     fn prompt_len(&self, id: u64) -> Result<usize> {
         let (s, i) = self.locate(id)?;
+        s.touch(RECORD, self.resident_limit);
         Ok(s.prompt(i))
     }
 
@@ -408,6 +471,7 @@ impl TokenDataset for TokenShards {
             });
         }
         let w = s.width.bytes();
+        s.touch(out.len() * w, self.resident_limit);
         let bytes = s.tokens.as_deref().unwrap_or(&[]);
         let src = bytes
             .get((a + start) * w..(a + end) * w)
@@ -457,6 +521,12 @@ mod tests {
         assert_eq!(s.sample_len(4).unwrap(), 0);
         assert!(s.read_tokens(3, 2, &mut out).is_err());
         assert!(s.sample_len(6).is_err());
+        // Releasing pages every access changes nothing visible.
+        let s = s.with_resident_limit(0);
+        for _ in 0..3 {
+            s.read_tokens(5, 0, &mut out).unwrap();
+            assert_eq!(out, [65_535, 7]);
+        }
         // No temporary file is left behind.
         let leftovers = std::fs::read_dir(dir.path()).unwrap().filter(|e| {
             e.as_ref()
