@@ -205,7 +205,14 @@ pub fn measure(fingerprint: &str, budget: Duration, gpus: usize) -> Result<Capac
     let per_gemm = budget.mul_f64(0.85 / (3.0 * (1 + gpus) as f64));
     let mut gemm = Vec::new();
     for (dtype, name) in DTYPES {
-        gemm.push(gemm_on(&Device::Cpu, "cpu", dtype, name, per_gemm)?);
+        gemm.push(gemm_on(
+            &Device::Cpu,
+            "cpu",
+            dtype,
+            name,
+            CPU_GEMM_N,
+            per_gemm,
+        )?);
     }
     for i in 0..gpus {
         for (dtype, name) in DTYPES {
@@ -263,16 +270,24 @@ pub fn gemm_cuda(
         device: label.clone(),
         source,
     })?;
-    gemm_on(&dev, &label, dtype, name, budget)
+    gemm_on(&dev, &label, dtype, name, GPU_GEMM_N, budget)
 }
 
-/// GFLOP/s of an `n×n · n×n` product in `dtype` on `dev`, timed for about `budget`. The
-/// device is synchronised before the clock stops.
+/// Matrix size of the CPU GEMM probe: fixed so figures compare across machines and runs.
+pub const CPU_GEMM_N: usize = 1024;
+/// Matrix size of the GPU GEMM probe.
+pub const GPU_GEMM_N: usize = 4096;
+
+/// GFLOP/s of an `n×n · n×n` product in `dtype` on `dev` within about `budget`: one untimed
+/// warm-up product, then products timed for the rest of the budget (at least one). When the
+/// warm-up alone takes half the budget, it is the measurement (noted). The device is
+/// synchronised before the clock stops.
 pub fn gemm_on(
     dev: &candle_core::Device,
     device_name: &str,
     dtype: candle_core::DType,
     name: &'static str,
+    n: usize,
     budget: Duration,
 ) -> Result<GemmFigure> {
     use candle_core::Tensor;
@@ -282,41 +297,47 @@ pub fn gemm_on(
         source,
     };
     let sync = |d: &candle_core::Device| d.synchronize().map_err(err);
-    // Grow n until one product takes a measurable time (or n is large), within a quarter of
-    // the budget.
-    let sizing_budget = budget / 4;
-    let sizing_start = Instant::now();
-    let mut n = 128usize;
-    let (a, b) = loop {
-        let a = Tensor::randn(0f32, 1.0, (n, n), dev)
-            .and_then(|t| t.to_dtype(dtype))
-            .map_err(err)?;
-        let b = Tensor::randn(0f32, 1.0, (n, n), dev)
-            .and_then(|t| t.to_dtype(dtype))
-            .map_err(err)?;
-        sync(dev)?;
-        let t = Instant::now();
-        match a.matmul(&b).and_then(|c| dev.synchronize().map(|()| c)) {
-            Ok(_) => {}
-            Err(e) => {
-                return Ok(GemmFigure {
-                    device: device_name.into(),
-                    dtype: name.into(),
-                    n,
-                    iterations: 0,
-                    seconds: 0.0,
-                    gflops: None,
-                    note: Some(format!("matmul not available: {e}")),
-                });
-            }
-        }
-        let one = t.elapsed();
-        if one >= Duration::from_millis(20) || n >= 2048 || sizing_start.elapsed() >= sizing_budget
-        {
-            break (a, b);
-        }
-        n *= 2;
-    };
+    // Dense GEMM speed does not depend on the values (short of subnormals), so constant
+    // operands do: cheap to build in any build profile, and every sum (n/4) is exact in f16.
+    let a = Tensor::full(0.5f32, (n, n), dev)
+        .and_then(|t| t.to_dtype(dtype))
+        .map_err(err)?;
+    // A separate buffer, so the product reads two matrices as a real one does.
+    let b = Tensor::full(0.5f32, (n, n), dev)
+        .and_then(|t| t.to_dtype(dtype))
+        .map_err(err)?;
+    sync(dev)?;
+    // Warm-up (thread pool start, page faults, kernel selection). A dtype the device cannot
+    // multiply is reported, not raised.
+    let start = Instant::now();
+    if let Err(e) = a.matmul(&b).and_then(|c| dev.synchronize().map(|()| c)) {
+        return Ok(GemmFigure {
+            device: device_name.into(),
+            dtype: name.into(),
+            n,
+            iterations: 0,
+            seconds: 0.0,
+            gflops: None,
+            note: Some(format!("matmul not available: {e}")),
+        });
+    }
+    let warm_up = start.elapsed();
+    let flops_per_product = 2.0 * (n as f64).powi(3);
+    if warm_up >= budget / 2 {
+        // A slow or busy machine: the warm-up product is the measurement (pessimistic), so the
+        // probe stays within about one product of its budget.
+        let seconds = warm_up.as_secs_f64();
+        return Ok(GemmFigure {
+            device: device_name.into(),
+            dtype: name.into(),
+            n,
+            iterations: 1,
+            seconds,
+            gflops: Some(flops_per_product / seconds / 1e9),
+            note: Some("one product only (it took half the time budget); includes warm-up".into()),
+        });
+    }
+    let budget = budget.saturating_sub(warm_up);
     let start = Instant::now();
     let mut iterations = 0u32;
     while iterations == 0 || start.elapsed() < budget {
@@ -330,7 +351,7 @@ pub fn gemm_on(
     }
     sync(dev)?;
     let seconds = start.elapsed().as_secs_f64();
-    let flops = 2.0 * (n as f64).powi(3) * f64::from(iterations);
+    let flops = flops_per_product * f64::from(iterations);
     Ok(GemmFigure {
         device: device_name.into(),
         dtype: name.into(),

@@ -6,8 +6,17 @@ use eg_hardware::capacity::{self, ProbeOptions};
 use eg_hardware::storage::{self, BandwidthLimits};
 use eg_hardware::{Detector, Error, Root};
 
+/// CPU-heavy probes run one at a time: candle's spinning thread pools slow each other down
+/// badly when two share this machine's two cores, and the tests check time bounds.
+static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn storage_probe_is_bounded_and_cleans_up() {
+    let _heavy = heavy();
     let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
     let limits = BandwidthLimits {
         max_bytes: 16 << 20,
@@ -51,6 +60,7 @@ fn storage_probe_rejects_non_directories() {
 
 #[test]
 fn capacity_probe_is_bounded_cached_and_atomic() {
+    let _heavy = heavy();
     let cache = tempfile::tempdir().unwrap();
     let report = Detector::new(Root::host()).detect();
     let opts = ProbeOptions {
@@ -61,7 +71,8 @@ fn capacity_probe_is_bounded_cached_and_atomic() {
     let t = Instant::now();
     let first = capacity::probe_capacity(&report, &opts).unwrap();
     let took = t.elapsed();
-    assert!(took < Duration::from_secs(6), "probe took {took:?}");
+    // Budget plus set-up; generous because other builds share this machine's two cores.
+    assert!(took < Duration::from_secs(5), "probe took {took:?}");
     assert!(!first.from_cache);
     let dtypes: Vec<&str> = first.gemm.iter().map(|g| g.dtype.as_str()).collect();
     assert_eq!(dtypes, ["f32", "bf16", "f16"]);
@@ -111,6 +122,7 @@ fn capacity_probe_is_bounded_cached_and_atomic() {
 
 #[test]
 fn a_different_machine_does_not_use_this_cache() {
+    let _heavy = heavy();
     let cache = tempfile::tempdir().unwrap();
     let mut report = Detector::new(Root::host()).detect();
     let fp = capacity::machine_fingerprint(&report);
@@ -143,6 +155,7 @@ fn probe_budget_is_validated() {
 #[cfg(not(feature = "cuda"))]
 #[test]
 fn gpu_gemm_without_the_cuda_feature_is_feature_disabled() {
+    let _heavy = heavy();
     let r = capacity::gemm_cuda(
         0,
         candle_core::DType::F32,
