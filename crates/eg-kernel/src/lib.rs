@@ -57,6 +57,7 @@
 //! # }
 //! ```
 
+mod builder;
 pub mod checkpoint;
 mod error;
 pub mod fsio;
@@ -66,6 +67,7 @@ pub mod schedule;
 mod tensors;
 mod trainer;
 
+pub use builder::{Checkpoints, OptimizerSpec, ScheduleSpec, TrainerBuilder};
 pub use error::{Error, Result};
 pub use optim::{Optimizer, OptimizerKind, OptimizerState, RamStore, StateStore};
 pub use schedule::{Schedule, Shape};

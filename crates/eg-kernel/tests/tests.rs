@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod tests {
+    mod builder;
     mod checkpoints;
     pub(crate) mod common;
     mod guards;
