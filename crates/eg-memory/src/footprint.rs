@@ -340,7 +340,7 @@ pub struct Setup {
 ///   `master_weights`, `grad_accumulator`, `optimizer_state`, `rollback_snapshot`,
 ///   `overhead`;
 /// - **step phase** (forward and backward of one micro-batch): `gradients`, `activations`,
-///   `transient`;
+///   `transient`, `checkpoint_in_flight`;
 /// - **checkpoint phase** (writing a checkpoint, after the step's tensors are freed):
 ///   `checkpoint_buffers`.
 ///
@@ -381,6 +381,10 @@ pub struct Estimate {
     /// gradients of the block being back-propagated `n·max_b (a_b + p_b·s)·c`, and under
     /// QLoRA one dequantized matrix `largest·c`.
     pub transient: Bytes,
+    /// A checkpoint being written on a background thread while the next steps run: one
+    /// copy of the f32 parameters and the optimizer state, `T·4 + slots·T·4` (0 when
+    /// [`MemoryModel::background_checkpoint`] is off).
+    pub checkpoint_in_flight: Bytes,
     /// Copies made while writing a checkpoint:
     /// [`MemoryModel::checkpoint_copies`]` × (T·4 + slots·T·4)` (eg-kernel captures a new
     /// snapshot while the old one is alive, clones it into the checkpoint record and
@@ -392,7 +396,7 @@ pub struct Estimate {
 
 impl Estimate {
     /// The terms with their names, in order (without `peak`).
-    pub fn terms(&self) -> [(&'static str, Bytes); 11] {
+    pub fn terms(&self) -> [(&'static str, Bytes); 12] {
         [
             ("weights", self.weights),
             ("adapter_weights", self.adapter_weights),
@@ -404,6 +408,7 @@ impl Estimate {
             ("gradients", self.gradients),
             ("activations", self.activations),
             ("transient", self.transient),
+            ("checkpoint_in_flight", self.checkpoint_in_flight),
             ("checkpoint_buffers", self.checkpoint_buffers),
         ]
     }
@@ -431,7 +436,8 @@ impl Estimate {
             self.gradients
                 .0
                 .saturating_add(self.activations.0)
-                .saturating_add(self.transient.0),
+                .saturating_add(self.transient.0)
+                .saturating_add(self.checkpoint_in_flight.0),
         )
     }
 }
@@ -462,17 +468,22 @@ pub struct MemoryModel {
     pub rollback_snapshot: bool,
     /// Copies of parameters and optimizer state alive while a checkpoint is written.
     pub checkpoint_copies: u32,
+    /// Whether checkpoints are written on a background thread while training goes on
+    /// (`train.checkpoints.background`).
+    pub background_checkpoint: bool,
 }
 
 impl Default for MemoryModel {
     /// 32 MiB runtime overhead (measured: `eg train` of a 0.03M-parameter model peaks at
-    /// 26 MiB), 64 MiB offload window, rollback snapshot on, 3 checkpoint copies.
+    /// 26 MiB), 64 MiB offload window, rollback snapshot on, 3 checkpoint copies,
+    /// background checkpoints.
     fn default() -> Self {
         MemoryModel {
             runtime_overhead: Bytes(32 << 20),
             offload_window: Bytes(64 << 20),
             rollback_snapshot: true,
             checkpoint_copies: 3,
+            background_checkpoint: true,
         }
     }
 }
@@ -482,6 +493,14 @@ fn mul(a: u64, b: u64) -> u64 {
 }
 
 impl MemoryModel {
+    /// The default model with `train.checkpoints.background` from the configuration.
+    pub fn from_config(config: &eg_config::Config) -> MemoryModel {
+        MemoryModel {
+            background_checkpoint: config.train.checkpoints.background,
+            ..MemoryModel::default()
+        }
+    }
+
     /// Predicts the peak bytes of one training step of `profile` run as `setup`.
     pub fn estimate(&self, profile: &ModelProfile, setup: &Setup) -> Result<Estimate> {
         profile.validate()?;
@@ -587,6 +606,12 @@ impl MemoryModel {
         let transient =
             mul(mul(n, profile.vocab_size.saturating_add(max_block)), c).saturating_add(dequant);
 
+        let checkpoint_in_flight = if self.background_checkpoint {
+            f32_params.saturating_add(state_in_ram)
+        } else {
+            0
+        };
+
         // Checkpoint phase.
         let checkpoint_buffers = mul(
             u64::from(self.checkpoint_copies),
@@ -604,6 +629,7 @@ impl MemoryModel {
             gradients: Bytes(gradients),
             activations: Bytes(activations),
             transient: Bytes(transient),
+            checkpoint_in_flight: Bytes(checkpoint_in_flight),
             checkpoint_buffers: Bytes(checkpoint_buffers),
             peak: Bytes(0),
         };
@@ -672,6 +698,7 @@ mod tests {
             offload_window: Bytes(1_000),
             rollback_snapshot: false,
             checkpoint_copies: 0,
+            background_checkpoint: false,
         }
     }
 
@@ -815,6 +842,14 @@ mod tests {
         // Step phase: grads 4e6 + activations 6.24e6 + transient 1.84e6 = 12.08e6 < 36e6.
         assert_eq!(e.step_phase(), Bytes(12_080_000));
         assert_eq!(e.peak, Bytes(28_000_000 + 36_000_000));
+        // A background write in flight adds one copy to the step phase.
+        let bg = MemoryModel {
+            background_checkpoint: true,
+            ..m
+        };
+        let e2 = bg.estimate(&toy(), &setup()).unwrap();
+        assert_eq!(e2.checkpoint_in_flight, Bytes(12_000_000));
+        assert_eq!(e2.step_phase(), Bytes(24_080_000));
         // A big micro-batch makes the step phase the larger one.
         let big = Setup {
             micro_batch: 16,
