@@ -67,10 +67,122 @@ fn load_data(cfg: &Config) -> anyhow::Result<Data> {
                 eos: Some(data::embedded::ByteTokenizer::EOS),
             })
         }
+        DataSource::Text | DataSource::Jsonl => load_files(cfg),
         _ => Err(exit::Unsupported {
-            what: "data sources other than `embedded` in `eg train` (issue #6)",
+            what: "pre-tokenized `tokens` sources in `eg train` (issue #6)",
         }
         .into()),
+    }
+}
+
+/// Text or JSONL files: tokenized (cached as token shards) with `data.tokenizer`, the model
+/// directory's `tokenizer.json`, or a byte-level BPE trained on the files at start (saved in
+/// the run directory); the last `data.eval_fraction` of the samples is held out.
+fn load_files(cfg: &Config) -> anyhow::Result<Data> {
+    use config::wire::DataSource;
+    let files = data::expand_inputs(&cfg.data.paths)?;
+    let format = match cfg.data.source {
+        DataSource::Jsonl => data::Format::Jsonl(data::JsonField::Text(data::FieldPath::parse(
+            &cfg.data.field.join("."),
+        ))),
+        _ => data::Format::Text(data::TextSplit::Paragraphs),
+    };
+    let stream = data::StreamOptions {
+        max_error_fraction: cfg.data.max_error_fraction.get(),
+        quarantine: Some(cfg.run.dir.join("data-quarantine.jsonl")),
+        ..data::StreamOptions::default()
+    };
+    let tok_path = match (&cfg.data.tokenizer, &cfg.model.source) {
+        (Some(p), _) => Some(p.clone()),
+        (None, ModelSource::Dir(d)) => Some(d.join("tokenizer.json")),
+        _ => None,
+    };
+    let tokenizer = match tok_path {
+        Some(p) => data::TextTokenizer::from_file(&p)?,
+        None => {
+            let saved = cfg.run.dir.join("tokenizer.json");
+            if saved.exists() {
+                data::TextTokenizer::from_file(&saved)?
+            } else {
+                eprintln!(
+                    "training a byte-level BPE tokenizer on {} file(s)",
+                    files.len()
+                );
+                let opts = data::BpeOptions {
+                    vocab_size: 4096,
+                    ..data::BpeOptions::default()
+                };
+                let t = data::TextTokenizer::train_bpe_from_files(
+                    files.clone(),
+                    format.clone(),
+                    stream.clone(),
+                    &opts,
+                )?;
+                std::fs::create_dir_all(&cfg.run.dir)?;
+                t.save(&saved)?;
+                t
+            }
+        }
+    };
+    let eos = ["<|endoftext|>", "</s>", "<eos>"]
+        .iter()
+        .find_map(|t| tokenizer.token_id(t));
+    let mut popts = data::PrepareOptions::new(format, cfg.data.cache_dir.clone());
+    popts.stream = stream;
+    let prepared = data::prepare(&files, &tokenizer, &popts)?;
+    let shards: Arc<dyn data::TokenDataset> = Arc::new(prepared.open()?);
+    let n = shards.len();
+    let held = ((n as f64) * cfg.data.eval_fraction.get()).round() as u64;
+    let held = held.min(n.saturating_sub(1));
+    let train = Arc::new(Subset {
+        inner: shards.clone(),
+        start: 0,
+        len: n - held,
+    });
+    let eval: Option<Arc<dyn data::TokenDataset>> = (held > 0).then(|| {
+        Arc::new(Subset {
+            inner: shards.clone(),
+            start: n - held,
+            len: held,
+        }) as Arc<dyn data::TokenDataset>
+    });
+    Ok(Data {
+        description: format!(
+            "{} file(s), {} samples ({} held out), vocabulary {}",
+            files.len(),
+            n,
+            held,
+            tokenizer.vocab_size()
+        ),
+        train,
+        eval,
+        vocab: tokenizer.vocab_size(),
+        eos,
+    })
+}
+
+/// A contiguous range of another dataset's samples.
+struct Subset {
+    inner: Arc<dyn data::TokenDataset>,
+    start: u64,
+    len: u64,
+}
+
+impl data::TokenDataset for Subset {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn sample_len(&self, id: u64) -> data::Result<usize> {
+        self.inner.sample_len(self.start + id)
+    }
+
+    fn prompt_len(&self, id: u64) -> data::Result<usize> {
+        self.inner.prompt_len(self.start + id)
+    }
+
+    fn read_tokens(&self, id: u64, start: usize, out: &mut [u32]) -> data::Result<()> {
+        self.inner.read_tokens(self.start + id, start, out)
     }
 }
 
@@ -252,6 +364,13 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     });
 
     let start = trainer.state().step;
+    if start >= max_steps {
+        println!(
+            "the run in {} is already complete ({start} of {max_steps} steps); raise train.max_steps to continue",
+            cfg.run.dir.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     eprintln!(
         "eg train: {model_desc} ({:.2}M parameters) on the {}; {} steps of {} tokens ({rows} rows × {seq}, micro-batch {micro}), {} threads",
         n_params as f64 / 1e6,

@@ -234,3 +234,42 @@ fn sigterm_finishes_the_step_checkpoints_and_exits_0() {
 fn eg_kernel_verify(dir: &Path) -> bool {
     elastic_guardian::kernel::checkpoint::verify(dir).is_ok()
 }
+
+#[test]
+fn text_files_with_a_bpe_trained_at_start_then_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus.txt");
+    let docs = elastic_guardian::data::embedded::documents(5, 60_000);
+    std::fs::write(&corpus, docs.join("\n\n")).unwrap();
+    let run = dir.path().join("run");
+    let run_with = |steps: &str| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_eg"));
+        c.args(["train", "--no-progress"]);
+        for s in [
+            "data.source=text".to_string(),
+            format!("data.paths=[{:?}]", corpus.display().to_string()),
+            format!("run.dir={}", run.display()),
+            "model.source=builtin:micro-llama".into(),
+            "data.seq_len=32".into(),
+            "train.batch.global_tokens=128".into(),
+            format!("train.max_steps={steps}"),
+            "train.checkpoints.every=3".into(),
+        ] {
+            c.arg("--set").arg(s);
+        }
+        c.env_remove("EG_LOG").output().unwrap()
+    };
+    let out = run_with("6");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("training a byte-level BPE tokenizer"), "{err}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("eval perplexity:"));
+    assert!(run.join("tokenizer.json").exists());
+    let out = run_with("9");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("resuming from step 6"), "{err}");
+    assert!(!err.contains("training a byte-level BPE"), "{err}");
+    let out = run_with("9");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("already complete"));
+}
