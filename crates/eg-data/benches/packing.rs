@@ -10,8 +10,8 @@ use std::sync::Arc;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use eg_data::order::SplitMix64;
 use eg_data::{
-    InMemoryDataset, Loader, LoaderOptions, Packing, Placement, ShardWriter, TokenDataset,
-    TokenShards, TokenWidth,
+    InMemoryDataset, Loader, LoaderOptions, Packing, Placement, ShardAccess, ShardWriter,
+    TokenDataset, TokenShards, TokenWidth,
 };
 
 /// 20 000 documents of 1..2000 tokens (mean ≈ 1000), deterministic.
@@ -57,14 +57,25 @@ fn packing(c: &mut Criterion) {
         w.push(d, 0).expect("push");
     }
     w.finish().expect("finish");
-    let shards: Arc<dyn TokenDataset> = Arc::new(TokenShards::open_dir(dir.path()).expect("open"));
-    bench_loader(c, "concat/mmap_u16", shards.clone(), Packing::Concat);
-    bench_loader(
-        c,
-        "best_fit/mmap_u16",
-        shards,
-        Packing::BestFit { window: 256 },
-    );
+    for (access, name) in [
+        (ShardAccess::Mapped, "mmap_u16"),
+        (ShardAccess::Read, "pread_u16"),
+    ] {
+        let shards: Arc<dyn TokenDataset> =
+            Arc::new(TokenShards::open_dir(dir.path(), access).expect("open"));
+        bench_loader(
+            c,
+            &format!("concat/{name}"),
+            shards.clone(),
+            Packing::Concat,
+        );
+        bench_loader(
+            c,
+            &format!("best_fit/{name}"),
+            shards,
+            Packing::BestFit { window: 256 },
+        );
+    }
 }
 
 criterion_group!(benches, packing);

@@ -5,7 +5,7 @@
 //! epoch of packed batches, printing throughput of each phase and peak memory.
 //!
 //! ```text
-//! cargo run --release -p eg-data --example stream_corpus -- [DIR] [SIZE_MB]
+//! cargo run --release -p eg-data --example stream_corpus -- [DIR] [SIZE_MB] [read|mapped]
 //! ```
 //!
 //! Peak RSS is reported twice: `VmHWM` (includes file pages of the memory-mapped shards, which
@@ -20,8 +20,8 @@ use std::time::Instant;
 
 use eg_data::order::SplitMix64;
 use eg_data::{
-    BpeOptions, Format, Loader, LoaderOptions, Placement, Prefetcher, PrepareOptions, TextSplit,
-    TextTokenizer, TokenDataset, prepare,
+    BpeOptions, Format, Loader, LoaderOptions, Placement, Prefetcher, PrepareOptions, ShardAccess,
+    TextSplit, TextTokenizer, TokenDataset, prepare,
 };
 
 type Res<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -91,6 +91,10 @@ fn main() -> Res<()> {
             .unwrap_or_else(|| "/tmp/eg-data-corpus".into()),
     );
     let size_mb: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(2048);
+    let access = match args.get(3).map(String::as_str) {
+        Some("mapped") => ShardAccess::Mapped,
+        _ => ShardAccess::Read,
+    };
 
     // Sample RssAnon every 20 ms on a side thread (the kernel keeps no high-water mark for it).
     let max_anon = Arc::new(AtomicU64::new(0));
@@ -148,7 +152,7 @@ fn main() -> Res<()> {
     );
 
     let t = Instant::now();
-    let shards: Arc<dyn TokenDataset> = Arc::new(prepared.open()?);
+    let shards: Arc<dyn TokenDataset> = Arc::new(prepared.open_with(access)?);
     let o = LoaderOptions {
         seq_len: 2048,
         rows_per_step: 8,
@@ -165,7 +169,7 @@ fn main() -> Res<()> {
     let secs = t.elapsed().as_secs_f64();
     max_anon.fetch_max(status_kb("RssAnon:"), Ordering::Relaxed);
     println!(
-        "load: {batches} batches, {tokens} tokens in {secs:.1}s = {:.1} M tokens/s ({:.0} MB/s of u32)",
+        "load ({access:?}): {batches} batches, {tokens} tokens in {secs:.1}s = {:.1} M tokens/s ({:.0} MB/s of u32)",
         tokens as f64 / secs / 1e6,
         tokens as f64 * 4.0 / secs / 1e6
     );

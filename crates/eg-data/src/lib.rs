@@ -86,7 +86,7 @@ pub use loader::{Carry, Cursor, Loader, LoaderOptions, Packing, Placement};
 pub use mix::Mixture;
 pub use pack::{Batch, RowPlan, Span};
 pub use prefetch::{PrefetchStats, Prefetcher};
-pub use shards::{ShardFiles, ShardWriter, TokenShards, TokenWidth};
+pub use shards::{ShardAccess, ShardFiles, ShardWriter, TokenShards, TokenWidth};
 pub use stream::{
     ChatMessage, Document, DocumentStream, FieldPath, Format, JsonField, QuarantineEntry,
     QuarantineReason, StreamOptions, StreamStats, TextSplit,

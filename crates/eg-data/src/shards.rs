@@ -14,8 +14,6 @@ use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use memmap2::Mmap;
 
 use crate::{Error, Result, TokenDataset};
@@ -232,173 +230,263 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(a)
 }
 
-/// One memory-mapped shard.
+/// How a [`TokenShards`] reads its files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShardAccess {
+    /// Memory-map index and tokens: fastest; the pages touched count in the process's
+    /// resident set (they are file pages the kernel may drop, but tools report them).
+    #[default]
+    Mapped,
+    /// Positioned reads (`pread`) into the caller's buffer: the resident set stays flat
+    /// whatever the corpus size; the kernel's page cache still serves repeated reads.
+    /// Unix only (elsewhere this falls back to `Mapped`).
+    Read,
+}
+
+#[derive(Debug)]
+enum Backing {
+    Mapped {
+        tokens: Option<Mmap>,
+        index: Mmap,
+    },
+    #[cfg(unix)]
+    Read {
+        tokens: File,
+        index: File,
+    },
+}
+
+/// One shard.
 #[derive(Debug)]
 struct Shard {
     files: ShardFiles,
     width: TokenWidth,
     samples: u64,
-    tokens: Option<Mmap>,
-    index: Mmap,
-    /// Upper bound of the bytes of mapped pages touched since the last release.
-    touched: AtomicU64,
+    total: u64,
+    backing: Backing,
 }
 
-const PAGE: u64 = 4096;
-
-impl Shard {
-    fn open(files: ShardFiles) -> Result<Self> {
-        let corrupt = |reason: String| Error::CorruptShard {
-            path: files.index.clone(),
-            reason,
-        };
-        let index = map(&files.index)?.ok_or_else(|| corrupt("empty index".into()))?;
-        if index.len() < HEADER || &index[..8] != MAGIC {
-            return Err(corrupt("bad header".into()));
-        }
-        let width = match u32_at(&index, 8) {
-            16 => TokenWidth::U16,
-            32 => TokenWidth::U32,
-            w => return Err(corrupt(format!("token width {w} bits"))),
-        };
-        let samples = u64_at(&index, 16);
-        let total = u64_at(&index, 24);
-        let expect_len = (samples as u128) * RECORD as u128 + HEADER as u128;
-        if index.len() as u128 != expect_len {
+/// Validate an index against its token file by streaming it (nothing stays mapped).
+fn validate(files: &ShardFiles) -> Result<(TokenWidth, u64, u64)> {
+    use std::io::Read;
+    let corrupt = |reason: String| Error::CorruptShard {
+        path: files.index.clone(),
+        reason,
+    };
+    let file = File::open(&files.index).map_err(|e| Error::io(&files.index, e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| Error::io(&files.index, e))?
+        .len();
+    let mut r = std::io::BufReader::with_capacity(1 << 16, file);
+    let mut header = [0u8; HEADER];
+    if len < HEADER as u64 {
+        return Err(corrupt("shorter than its header".into()));
+    }
+    r.read_exact(&mut header)
+        .map_err(|e| Error::io(&files.index, e))?;
+    if &header[..8] != MAGIC {
+        return Err(corrupt("bad header".into()));
+    }
+    let width = match u32_at(&header, 8) {
+        16 => TokenWidth::U16,
+        32 => TokenWidth::U32,
+        w => return Err(corrupt(format!("token width {w} bits"))),
+    };
+    let samples = u64_at(&header, 16);
+    let total = u64_at(&header, 24);
+    let expect_len = u128::from(samples) * RECORD as u128 + HEADER as u128;
+    if u128::from(len) != expect_len {
+        return Err(corrupt(format!(
+            "{len} bytes for {samples} samples (expected {expect_len})"
+        )));
+    }
+    let tok_bytes = std::fs::metadata(&files.tokens)
+        .map_err(|e| Error::io(&files.tokens, e))?
+        .len();
+    if u128::from(tok_bytes) != u128::from(total) * width.bytes() as u128 {
+        return Err(Error::CorruptShard {
+            path: files.tokens.clone(),
+            reason: format!(
+                "{tok_bytes} bytes, index says {total} tokens of {} bytes",
+                width.bytes()
+            ),
+        });
+    }
+    let mut prev = 0;
+    let mut rec = [0u8; RECORD];
+    for i in 0..samples {
+        r.read_exact(&mut rec)
+            .map_err(|e| Error::io(&files.index, e))?;
+        let end = u64_at(&rec, 0);
+        if end < prev || end > total {
             return Err(corrupt(format!(
-                "{} bytes for {samples} samples (expected {expect_len})",
-                index.len()
+                "sample {i} ends at {end}, after {prev}, of {total} tokens"
             )));
         }
-        let tokens = map(&files.tokens)?;
-        let tok_bytes = tokens.as_ref().map_or(0, |m| m.len()) as u128;
-        if tok_bytes != total as u128 * width.bytes() as u128 {
-            return Err(Error::CorruptShard {
-                path: files.tokens.clone(),
-                reason: format!(
-                    "{tok_bytes} bytes, index says {total} tokens of {} bytes",
-                    width.bytes()
-                ),
-            });
-        }
-        let mut prev = 0;
-        for i in 0..samples as usize {
-            let end = u64_at(&index, HEADER + i * RECORD);
-            if end < prev || end > total {
-                return Err(corrupt(format!(
-                    "sample {i} ends at {end}, after {prev}, of {total} tokens"
-                )));
+        prev = end;
+    }
+    if prev != total {
+        return Err(corrupt(format!("samples cover {prev} of {total} tokens")));
+    }
+    Ok((width, samples, total))
+}
+
+impl Shard {
+    fn open(files: ShardFiles, access: ShardAccess) -> Result<Self> {
+        let (width, samples, total) = validate(&files)?;
+        let backing = match access {
+            #[cfg(unix)]
+            ShardAccess::Read => Backing::Read {
+                tokens: File::open(&files.tokens).map_err(|e| Error::io(&files.tokens, e))?,
+                index: File::open(&files.index).map_err(|e| Error::io(&files.index, e))?,
+            },
+            _ => {
+                let index = map(&files.index)?.ok_or_else(|| Error::CorruptShard {
+                    path: files.index.clone(),
+                    reason: "empty index".into(),
+                })?;
+                Backing::Mapped {
+                    tokens: map(&files.tokens)?,
+                    index,
+                }
             }
-            prev = end;
-        }
-        if prev != total {
-            return Err(corrupt(format!("samples cover {prev} of {total} tokens")));
-        }
+        };
         Ok(Self {
             files,
             width,
             samples,
-            tokens,
-            index,
-            touched: AtomicU64::new(0),
+            total,
+            backing,
         })
     }
 
-    /// Account for `bytes` read (at least a page) and, past `limit`, drop this process's
-    /// mapped pages so the resident set stays bounded; the data stays in the page cache.
-    fn touch(&self, bytes: usize, limit: u64) {
-        let add = (bytes as u64).div_ceil(PAGE).max(1) * PAGE;
-        if self.touched.fetch_add(add, Ordering::Relaxed) + add > limit {
-            self.touched.store(0, Ordering::Relaxed);
-            self.release();
-        }
-    }
-
-    #[cfg(unix)]
-    fn release(&self) {
-        use memmap2::UncheckedAdvice;
-        for m in [self.tokens.as_ref(), Some(&self.index)]
-            .into_iter()
-            .flatten()
-        {
-            // SAFETY: both maps are read-only shared mappings of files that are never
-            // modified (see `map`). MADV_DONTNEED on such a mapping only unmaps the pages
-            // from this process; the next access re-reads the same bytes from the page cache
-            // or the file, so slices borrowed from the map keep their contents.
-            if let Err(e) = unsafe { m.unchecked_advise(UncheckedAdvice::DontNeed) } {
-                tracing::debug!(path = %self.files.tokens.display(), error = %e, "madvise(DONTNEED) failed");
+    /// Copy `buf.len()` bytes of the index from `at`.
+    fn index_bytes(&self, at: usize, buf: &mut [u8]) -> Result<()> {
+        match &self.backing {
+            Backing::Mapped { index, .. } => {
+                let src = index
+                    .get(at..at + buf.len())
+                    .ok_or_else(|| Error::CorruptShard {
+                        path: self.files.index.clone(),
+                        reason: "record outside the file".into(),
+                    })?;
+                buf.copy_from_slice(src);
+                Ok(())
+            }
+            #[cfg(unix)]
+            Backing::Read { index, .. } => {
+                use std::os::unix::fs::FileExt;
+                index
+                    .read_exact_at(buf, at as u64)
+                    .map_err(|e| Error::io(&self.files.index, e))
             }
         }
     }
 
-    #[cfg(not(unix))]
-    fn release(&self) {}
-
-    fn bounds(&self, i: u64) -> (usize, usize) {
+    /// Token range and prompt length of sample `i` (one index read of two records).
+    fn record(&self, i: u64) -> Result<(usize, usize, usize)> {
         let i = i as usize;
-        let end = u64_at(&self.index, HEADER + i * RECORD) as usize;
-        let start = if i == 0 {
-            0
-        } else {
-            u64_at(&self.index, HEADER + (i - 1) * RECORD) as usize
-        };
-        (start, end)
+        if i == 0 {
+            let mut b = [0u8; 12];
+            self.index_bytes(HEADER, &mut b)?;
+            return Ok((0, u64_at(&b, 0) as usize, u32_at(&b, 8) as usize));
+        }
+        let mut b = [0u8; RECORD + 12];
+        self.index_bytes(HEADER + (i - 1) * RECORD, &mut b)?;
+        Ok((
+            u64_at(&b, 0) as usize,
+            u64_at(&b, RECORD) as usize,
+            u32_at(&b, RECORD + 8) as usize,
+        ))
     }
 
-    fn prompt(&self, i: u64) -> usize {
-        u32_at(&self.index, HEADER + i as usize * RECORD + 8) as usize
+    /// Copy token bytes `range` into `out`, decoding the shard's width.
+    fn tokens_into(&self, first: usize, out: &mut [u32]) -> Result<()> {
+        let w = self.width.bytes();
+        let outside = || Error::CorruptShard {
+            path: self.files.tokens.clone(),
+            reason: "token range outside the file".into(),
+        };
+        match &self.backing {
+            Backing::Mapped { tokens, .. } => {
+                let bytes = tokens.as_deref().unwrap_or(&[]);
+                let src = bytes
+                    .get(first * w..(first + out.len()) * w)
+                    .ok_or_else(outside)?;
+                decode(self.width, src, out);
+                Ok(())
+            }
+            #[cfg(unix)]
+            Backing::Read { tokens, .. } => {
+                use std::os::unix::fs::FileExt;
+                let mut buf = [0u8; 8192];
+                let per = buf.len() / w;
+                let mut done = 0;
+                while done < out.len() {
+                    let n = per.min(out.len() - done);
+                    let at = ((first + done) * w) as u64;
+                    tokens
+                        .read_exact_at(&mut buf[..n * w], at)
+                        .map_err(|e| Error::io(&self.files.tokens, e))?;
+                    decode(self.width, &buf[..n * w], &mut out[done..done + n]);
+                    done += n;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn decode(width: TokenWidth, src: &[u8], out: &mut [u32]) {
+    match width {
+        TokenWidth::U16 => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = u32::from(u16::from_le_bytes([c[0], c[1]]));
+            }
+        }
+        TokenWidth::U32 => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(4)) {
+                *o = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
     }
 }
 
 /// A set of shards read as one [`TokenDataset`]; sample ids run through the shards in order.
-///
-/// Pages of memory-mapped files count in a process's resident set once touched. Random
-/// access over a large corpus would touch all of them, so each shard releases its mapped
-/// pages (`madvise(MADV_DONTNEED)`) after about [`TokenShards::resident_limit`] bytes of
-/// pages were touched: RSS stays bounded while the data stays in the kernel's page cache.
 #[derive(Debug)]
 pub struct TokenShards {
     shards: Vec<Shard>,
     /// `starts[i]` is the first sample id of shard `i`; one extra entry holds the total.
     starts: Vec<u64>,
-    resident_limit: u64,
 }
 
-/// Default of [`TokenShards::with_resident_limit`]: 64 MiB of touched pages per shard.
-pub const DEFAULT_RESIDENT_LIMIT: u64 = 64 << 20;
-
 impl TokenShards {
-    /// Open shards by their file pairs, validating each.
+    /// Open shards by their file pairs, validating each, memory-mapped.
     pub fn open(files: impl IntoIterator<Item = ShardFiles>) -> Result<Self> {
+        Self::open_with(files, ShardAccess::Mapped)
+    }
+
+    /// Open shards by their file pairs, validating each, with the given access.
+    pub fn open_with(
+        files: impl IntoIterator<Item = ShardFiles>,
+        access: ShardAccess,
+    ) -> Result<Self> {
         let mut shards = Vec::new();
         let mut starts = vec![0];
         let mut n = 0;
         for f in files {
-            let s = Shard::open(f)?;
+            let s = Shard::open(f, access)?;
             n += s.samples;
             starts.push(n);
             shards.push(s);
         }
-        Ok(Self {
-            shards,
-            starts,
-            resident_limit: DEFAULT_RESIDENT_LIMIT,
-        })
-    }
-
-    /// Release mapped pages after `bytes` of pages were touched in a shard (`u64::MAX`: never).
-    pub fn with_resident_limit(mut self, bytes: u64) -> Self {
-        self.resident_limit = bytes;
-        self
-    }
-
-    /// The current limit (see [`TokenShards::with_resident_limit`]).
-    pub fn resident_limit(&self) -> u64 {
-        self.resident_limit
+        Ok(Self { shards, starts })
     }
 
     /// Open every shard (`*.index` with its `.tokens`) in `dir`, in file-name order.
-    pub fn open_dir(dir: &Path) -> Result<Self> {
+    pub fn open_dir(dir: &Path, access: ShardAccess) -> Result<Self> {
         let mut names = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
             let path = entry.map_err(|e| Error::io(dir, e))?.path();
@@ -414,15 +502,12 @@ impl TokenShards {
                 pattern: dir.join("*.index").display().to_string(),
             });
         }
-        Self::open(names.iter().map(|n| ShardFiles::new(dir, n)))
+        Self::open_with(names.iter().map(|n| ShardFiles::new(dir, n)), access)
     }
 
     /// Total tokens of all shards.
     pub fn total_tokens(&self) -> u64 {
-        self.shards
-            .iter()
-            .map(|s| s.bounds(s.samples.saturating_sub(1)).1 as u64)
-            .sum()
+        self.shards.iter().map(|s| s.total).sum()
     }
 
     /// Token width of each shard (they may differ).
@@ -447,20 +532,18 @@ impl TokenDataset for TokenShards {
 
     fn sample_len(&self, id: u64) -> Result<usize> {
         let (s, i) = self.locate(id)?;
-        s.touch(RECORD, self.resident_limit);
-        let (a, b) = s.bounds(i);
+        let (a, b, _) = s.record(i)?;
         Ok(b - a)
     }
 
     fn prompt_len(&self, id: u64) -> Result<usize> {
         let (s, i) = self.locate(id)?;
-        s.touch(RECORD, self.resident_limit);
-        Ok(s.prompt(i))
+        Ok(s.record(i)?.2)
     }
 
     fn read_tokens(&self, id: u64, start: usize, out: &mut [u32]) -> Result<()> {
         let (s, i) = self.locate(id)?;
-        let (a, b) = s.bounds(i);
+        let (a, b, _) = s.record(i)?;
         let end = start.saturating_add(out.len());
         if end > b - a {
             return Err(Error::TokenRangeOutOfRange {
@@ -470,28 +553,7 @@ impl TokenDataset for TokenShards {
                 len: b - a,
             });
         }
-        let w = s.width.bytes();
-        s.touch(out.len() * w, self.resident_limit);
-        let bytes = s.tokens.as_deref().unwrap_or(&[]);
-        let src = bytes
-            .get((a + start) * w..(a + end) * w)
-            .ok_or_else(|| Error::CorruptShard {
-                path: s.files.tokens.clone(),
-                reason: "token range outside the file".into(),
-            })?;
-        match s.width {
-            TokenWidth::U16 => {
-                for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
-                    *o = u32::from(u16::from_le_bytes([c[0], c[1]]));
-                }
-            }
-            TokenWidth::U32 => {
-                for (o, c) in out.iter_mut().zip(src.chunks_exact(4)) {
-                    *o = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                }
-            }
-        }
-        Ok(())
+        s.tokens_into(a + start, out)
     }
 }
 
@@ -509,7 +571,17 @@ mod tests {
             w.push(&[65_535, 7], 0).unwrap();
             w.finish().unwrap();
         }
-        let s = TokenShards::open_dir(dir.path()).unwrap();
+        let s = TokenShards::open_dir(dir.path(), ShardAccess::Mapped).unwrap();
+        let r = TokenShards::open_dir(dir.path(), ShardAccess::Read).unwrap();
+        for id in 0..6 {
+            let n = s.sample_len(id).unwrap();
+            assert_eq!(n, r.sample_len(id).unwrap());
+            assert_eq!(s.prompt_len(id).unwrap(), r.prompt_len(id).unwrap());
+            let (mut x, mut y) = (vec![0; n], vec![0; n]);
+            s.read_tokens(id, 0, &mut x).unwrap();
+            r.read_tokens(id, 0, &mut y).unwrap();
+            assert_eq!(x, y);
+        }
         assert_eq!(s.len(), 6);
         assert_eq!(s.total_tokens(), 10);
         let mut out = [0u32; 2];
@@ -521,12 +593,6 @@ mod tests {
         assert_eq!(s.sample_len(4).unwrap(), 0);
         assert!(s.read_tokens(3, 2, &mut out).is_err());
         assert!(s.sample_len(6).is_err());
-        // Releasing pages every access changes nothing visible.
-        let s = s.with_resident_limit(0);
-        for _ in 0..3 {
-            s.read_tokens(5, 0, &mut out).unwrap();
-            assert_eq!(out, [65_535, 7]);
-        }
         // No temporary file is left behind.
         let leftovers = std::fs::read_dir(dir.path()).unwrap().filter(|e| {
             e.as_ref()

@@ -14,7 +14,7 @@ use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
-use crate::shards::{ShardWriter, TokenShards, TokenWidth, sync_dir};
+use crate::shards::{ShardAccess, ShardWriter, TokenShards, TokenWidth, sync_dir};
 use crate::stream::{ChatMessage, Document, DocumentStream, Format, StreamOptions, StreamStats};
 use crate::{Error, Result};
 
@@ -316,14 +316,19 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// Open the shards for a [`Loader`](crate::Loader).
+    /// Open the shards (memory-mapped) for a [`Loader`](crate::Loader).
     pub fn open(&self) -> Result<TokenShards> {
-        TokenShards::open(
-            self.manifest
-                .shards
-                .iter()
-                .map(|n| crate::ShardFiles::new(&self.dir, n)),
-        )
+        self.open_with(ShardAccess::Mapped)
+    }
+
+    /// Open the shards with the given access.
+    pub fn open_with(&self, access: ShardAccess) -> Result<TokenShards> {
+        let files = self
+            .manifest
+            .shards
+            .iter()
+            .map(|n| crate::ShardFiles::new(&self.dir, n));
+        TokenShards::open_with(files, access)
     }
 }
 
