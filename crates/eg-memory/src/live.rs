@@ -6,11 +6,13 @@
 //! `memory.max_usage_in_bytes`, `memory.oom_control`) and v2 files (`memory.current`,
 //! `memory.max`, `memory.peak`, `memory.events`) are parsed the same way whichever the
 //! machine mounts. A file that does not exist is "unknown" (`None`), never 0; a file that
-//! exists but does not parse is an [`Error::Parse`].
+//! exists but does not parse is an [`Error::Parse`]. GPU memory comes from NVML through
+//! eg-hardware's [`NvmlSource`] trait (fakes in tests).
 
 use std::path::PathBuf;
 
 use eg_hardware::Root;
+use eg_hardware::gpu::NvmlSource;
 use eg_hardware::memory::{CgroupMemory, CgroupVersion, Limit};
 use serde::{Deserialize, Serialize};
 
@@ -260,8 +262,54 @@ pub fn psi(root: &Root) -> Result<Option<Psi>> {
     }
 }
 
+/// Memory of one GPU, from NVML.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuMemory {
+    /// NVML device index.
+    pub index: u32,
+    /// Total bytes, when NVML answers.
+    pub total: Option<u64>,
+    /// Used bytes (`total − free`), when NVML answers both.
+    pub used: Option<u64>,
+}
+
+impl GpuMemory {
+    /// `used / total`, when both are known and `total > 0`.
+    pub fn used_fraction(&self) -> Option<f64> {
+        match (self.used, self.total) {
+            (Some(u), Some(t)) if t > 0 => Some(u as f64 / t as f64),
+            _ => None,
+        }
+    }
+}
+
+/// Memory of every GPU `source` knows; `None` when NVML is unavailable. A device that
+/// cannot be queried is listed with unknown figures.
+pub fn gpu_memory(source: &dyn NvmlSource) -> Option<Vec<GpuMemory>> {
+    let n = source.device_count().ok()?;
+    Some(
+        (0..n)
+            .map(|index| match source.device(index) {
+                Ok(d) => GpuMemory {
+                    index,
+                    total: d.memory_total,
+                    used: d
+                        .memory_total
+                        .zip(d.memory_free)
+                        .map(|(t, f)| t.saturating_sub(f)),
+                },
+                Err(_) => GpuMemory {
+                    index,
+                    total: None,
+                    used: None,
+                },
+            })
+            .collect(),
+    )
+}
+
 /// Everything read at one instant.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Sample {
     /// The process.
     pub process: Option<ProcessMemory>,
@@ -269,6 +317,8 @@ pub struct Sample {
     pub cgroup: Option<CgroupSample>,
     /// Memory pressure stalls.
     pub psi: Option<Psi>,
+    /// GPU memory, when a source was given and NVML answered.
+    pub gpus: Option<Vec<GpuMemory>>,
 }
 
 impl Sample {
@@ -282,13 +332,32 @@ impl Sample {
             .and_then(|c| c.usage);
         cg.or(self.process.map(|p| p.rss))
     }
+
+    /// The fullest GPU's used fraction, when any is known.
+    pub fn gpu_used_fraction(&self) -> Option<f64> {
+        self.gpus
+            .as_ref()?
+            .iter()
+            .filter_map(GpuMemory::used_fraction)
+            .fold(None, |a: Option<f64>, f| Some(a.map_or(f, |a| a.max(f))))
+    }
 }
 
-/// Reads the process, its cgroup and PSI through one root.
-#[derive(Debug, Clone)]
+/// Reads the process, its cgroup and PSI through one root, and GPUs through NVML.
 pub struct Sampler {
     root: Root,
     cgroup: Option<(CgroupVersion, String)>,
+    gpu: Option<Box<dyn NvmlSource>>,
+}
+
+impl std::fmt::Debug for Sampler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sampler")
+            .field("root", &self.root)
+            .field("cgroup", &self.cgroup)
+            .field("gpu", &self.gpu.as_ref().map(|_| "NvmlSource"))
+            .finish()
+    }
 }
 
 impl Sampler {
@@ -299,12 +368,26 @@ impl Sampler {
             (Some(d), v @ (CgroupVersion::V1 | CgroupVersion::V2)) => Some((v, d.clone())),
             _ => None,
         };
-        Sampler { root, cgroup }
+        Sampler {
+            root,
+            cgroup,
+            gpu: None,
+        }
     }
 
     /// A sampler for an explicit cgroup directory (or none).
     pub fn with_cgroup(root: Root, cgroup: Option<(CgroupVersion, String)>) -> Sampler {
-        Sampler { root, cgroup }
+        Sampler {
+            root,
+            cgroup,
+            gpu: None,
+        }
+    }
+
+    /// Also samples GPU memory from `source` (eg-hardware's `RuntimeNvml`, or a fake).
+    pub fn gpu(mut self, source: Box<dyn NvmlSource>) -> Sampler {
+        self.gpu = Some(source);
+        self
     }
 
     /// Reads everything once.
@@ -317,6 +400,7 @@ impl Sampler {
             process: process_memory(&self.root)?,
             cgroup,
             psi: psi(&self.root)?,
+            gpus: self.gpu.as_deref().and_then(gpu_memory),
         })
     }
 }

@@ -44,8 +44,8 @@ pub struct Reading {
 }
 
 impl Reading {
-    /// A reading from a live sample: `used / ceiling`, and also the cgroup's own
-    /// usage over its limit when that is higher. `previous` are the event counters of the
+    /// A reading from a live sample: `used / ceiling`, or the cgroup's own usage over its
+    /// limit, or the fullest GPU's used fraction, whichever is highest. `previous` are the event counters of the
     /// previous sample (to see new OOM events).
     pub fn from_sample(
         at_ms: u64,
@@ -62,6 +62,9 @@ impl Reading {
             && l > 0
         {
             used_fraction = used_fraction.max(u as f64 / l as f64);
+        }
+        if let Some(g) = sample.gpu_used_fraction() {
+            used_fraction = used_fraction.max(g);
         }
         let events = sample.cgroup.and_then(|c| c.events);
         let oom_event = match (events, previous) {

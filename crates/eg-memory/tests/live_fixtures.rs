@@ -295,3 +295,62 @@ fn host_process_memory_is_readable() {
     assert!(p.rss > 0);
     assert!(p.hwm >= p.rss);
 }
+
+/// A fake NVML with one GPU of 16 GiB, 15 GiB of it used, and one that cannot be queried.
+struct FakeNvml;
+
+impl eg_hardware::gpu::NvmlSource for FakeNvml {
+    fn driver_version(&self) -> Option<String> {
+        Some("550.0".into())
+    }
+    fn cuda_driver_version(&self) -> Option<i32> {
+        Some(12040)
+    }
+    fn device_count(&self) -> Result<u32, eg_hardware::gpu::NvmlUnavailable> {
+        Ok(2)
+    }
+    fn device(
+        &self,
+        index: u32,
+    ) -> Result<eg_hardware::gpu::RawGpu, eg_hardware::gpu::NvmlUnavailable> {
+        match index {
+            0 => Ok(eg_hardware::gpu::RawGpu {
+                memory_total: Some(16 << 30),
+                memory_free: Some(1 << 30),
+                ..Default::default()
+            }),
+            _ => Err(eg_hardware::gpu::NvmlUnavailable::Failed("lost".into())),
+        }
+    }
+}
+
+#[test]
+fn gpu_memory_from_nvml_counts_toward_pressure() {
+    let t = tempfile::tempdir().unwrap();
+    v2_tree(t.path());
+    write(
+        t.path(),
+        "proc/pressure/memory",
+        "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\n",
+    );
+    write(
+        t.path(),
+        "sys/fs/cgroup/train/memory.current",
+        "1073741824\n",
+    );
+    let sampler = Sampler::with_cgroup(
+        Root::new(t.path()),
+        Some((CgroupVersion::V2, "/sys/fs/cgroup/train".into())),
+    )
+    .gpu(Box::new(FakeNvml));
+    let s = sampler.sample().unwrap();
+    let gpus = s.gpus.clone().unwrap();
+    assert_eq!(gpus.len(), 2);
+    assert_eq!(gpus[0].used, Some(15 << 30));
+    assert_eq!(gpus[1].used, None);
+    assert!((s.gpu_used_fraction().unwrap() - 15.0 / 16.0).abs() < 1e-12);
+    // RAM is at 25 % of the cgroup, the GPU at 94 %: Elevated.
+    let r = Reading::from_sample(0, &s, 4 << 30, None);
+    let mut d = PressureDetector::new(Thresholds::default()).unwrap();
+    assert_eq!(d.observe(&r), Level::Elevated);
+}
