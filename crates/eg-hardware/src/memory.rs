@@ -134,6 +134,10 @@ fn meminfo(root: &Root, notes: &mut Notes) -> [Option<u64>; 4] {
             }
         };
     }
+    if out[0] == Some(0) {
+        notes.warn("/proc/meminfo: MemTotal is 0, which cannot be right: unknown");
+        out[0] = None;
+    }
     for (i, name) in ["MemTotal", "MemAvailable"].iter().enumerate() {
         if out[i].is_none() {
             notes.warn(format!("/proc/meminfo has no usable {name}: unknown"));
@@ -482,6 +486,22 @@ mod tests {
         assert_eq!(Unlimited.tighter(Bytes(3)), Bytes(3));
         assert_eq!(Unknown.tighter(Unlimited), Unknown);
         assert_eq!(Unknown.tighter(Bytes(1)), Bytes(1));
+    }
+
+    #[test]
+    fn zero_mem_total_is_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("proc")).unwrap();
+        std::fs::write(
+            dir.path().join("proc/meminfo"),
+            "MemTotal: 0 kB\nMemAvailable: 0 kB\n",
+        )
+        .unwrap();
+        let mut n = Notes::default();
+        let [total, avail, ..] = meminfo(&Root::new(dir.path()), &mut n);
+        assert_eq!(total, None);
+        assert_eq!(avail, Some(0));
+        assert!(n.warnings.iter().any(|w| w.contains("MemTotal is 0")));
     }
 
     #[test]
