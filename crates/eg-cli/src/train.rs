@@ -269,7 +269,9 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         .batch
         .micro_batch
         .map(|m| m.get() as usize)
-        .unwrap_or(rows.min(8));
+        // Until the memory planner (issue #8) chooses: micro-batches of up to 4096 tokens
+        // (larger ones run faster in candle: fewer, bigger matmuls).
+        .unwrap_or_else(|| rows.min((4096 / seq).max(1)));
     let packing = match cfg.data.packing {
         config::wire::Packing::BestFit => Packing::BestFit { window: 64 },
         _ => Packing::Concat,
