@@ -378,8 +378,10 @@ pub struct Estimate {
     /// `n·max_b (a_b + p_b·s)`, plus `n·(head + r·lora_act)`.
     pub activations: Bytes,
     /// Short-lived buffers at the peak: the logits' gradient `n·vocab·c`, the activation
-    /// gradients of the block being back-propagated `n·max_b (a_b + p_b·s)·c`, and under
-    /// QLoRA one dequantized matrix `largest·c`.
+    /// gradients of the block being back-propagated `n·max_b (a_b + p_b·s)·c`, one more
+    /// score-sized tensor `n·(max_b p_b / 2)·s·c` (the softmax backward makes the incoming
+    /// gradient contiguous; `p_b` counts scores and probabilities, hence the half), and
+    /// under QLoRA one dequantized matrix `largest·c`.
     pub transient: Bytes,
     /// A checkpoint being written on a background thread while the next steps run: one
     /// copy of the f32 parameters and the optimizer state, `T·4 + slots·T·4` (0 when
@@ -603,8 +605,24 @@ impl MemoryModel {
                 .saturating_add(outside)
         };
         let activations = mul(mul(n, kept_per_token), c);
-        let transient =
-            mul(mul(n, profile.vocab_size.saturating_add(max_block)), c).saturating_add(dequant);
+        let max_pos = profile
+            .blocks
+            .iter()
+            .map(|b| b.activation_elems_per_token_per_position)
+            .max()
+            .unwrap_or(0);
+        let softmax_copy = mul(max_pos / 2, s);
+        let transient = mul(
+            mul(
+                n,
+                profile
+                    .vocab_size
+                    .saturating_add(max_block)
+                    .saturating_add(softmax_copy),
+            ),
+            c,
+        )
+        .saturating_add(dequant);
 
         let checkpoint_in_flight = if self.background_checkpoint {
             f32_params.saturating_add(state_in_ram)
@@ -712,10 +730,17 @@ mod tests {
         assert_eq!(e.optimizer_state, Bytes(8_000_000));
         // n = 200 tokens; per block 1000 + 8*100 = 1800; 4 blocks = 7200; + head 600 = 7800.
         assert_eq!(e.activations, Bytes(200 * 7_800 * 4));
-        // logits grad 200*500*4 + one block's grads 200*1800*4.
-        assert_eq!(e.transient, Bytes(200 * 500 * 4 + 200 * 1_800 * 4));
+        // logits grad 200*500*4 + one block's grads 200*1800*4 + the softmax backward's
+        // contiguous copy 200*(8/2)*100*4.
+        assert_eq!(
+            e.transient,
+            Bytes(200 * 500 * 4 + 200 * 1_800 * 4 + 200 * 400 * 4)
+        );
         // weights + accumulator + gradients + state = 20e6, then activations and transient.
-        assert_eq!(e.peak, Bytes(20_000_000 + 6_240_000 + 400_000 + 1_440_000));
+        assert_eq!(
+            e.peak,
+            Bytes(20_000_000 + 6_240_000 + 400_000 + 1_440_000 + 320_000)
+        );
     }
 
     #[test]
@@ -798,7 +823,7 @@ mod tests {
         // One dequantized matrix in the transient term: 64000 * 2.
         assert_eq!(
             e2.transient,
-            Bytes(200 * 500 * 2 + 200 * 1_800 * 2 + 128_000)
+            Bytes(200 * 500 * 2 + 200 * 1_800 * 2 + 200 * 400 * 2 + 128_000)
         );
         assert_eq!(e2.master_weights, Bytes(8_000 * 4));
         assert_eq!(e2.grad_accumulator, Bytes(8_000 * 4));
@@ -839,8 +864,8 @@ mod tests {
         assert_eq!(e.checkpoint_buffers, Bytes(36_000_000));
         // Persistent: weights 4e6 + accumulator 4e6 + state 8e6 + snapshot 12e6 = 28e6.
         assert_eq!(e.persistent(), Bytes(28_000_000));
-        // Step phase: grads 4e6 + activations 6.24e6 + transient 1.84e6 = 12.08e6 < 36e6.
-        assert_eq!(e.step_phase(), Bytes(12_080_000));
+        // Step phase: grads 4e6 + activations 6.24e6 + transient 2.16e6 = 12.4e6 < 36e6.
+        assert_eq!(e.step_phase(), Bytes(12_400_000));
         assert_eq!(e.peak, Bytes(28_000_000 + 36_000_000));
         // A background write in flight adds one copy to the step phase.
         let bg = MemoryModel {
@@ -849,7 +874,7 @@ mod tests {
         };
         let e2 = bg.estimate(&toy(), &setup()).unwrap();
         assert_eq!(e2.checkpoint_in_flight, Bytes(12_000_000));
-        assert_eq!(e2.step_phase(), Bytes(24_080_000));
+        assert_eq!(e2.step_phase(), Bytes(24_400_000));
         // A big micro-batch makes the step phase the larger one.
         let big = Setup {
             micro_batch: 16,
