@@ -255,7 +255,7 @@ fn cgroup(root: &Root, mounts: &[Mount], notes: &mut Notes) -> CgroupMemory {
         };
         let dir = group_dir(mount, &path, notes);
         let mp = mount.mount_point.trim_end_matches('/').to_owned();
-        let limit = walk_limits(
+        let mut limit = walk_limits(
             root,
             &dir,
             &mp,
@@ -263,6 +263,15 @@ fn cgroup(root: &Root, mounts: &[Mount], notes: &mut Notes) -> CgroupMemory {
             parse_v1_limit,
             notes,
         );
+        // The kernel's own answer for the whole chain (including ancestors hidden from a
+        // container), when it gives one.
+        if let Some(stat) = root::read(root, &format!("{dir}/memory.stat"), Missing::Quiet, notes)
+            && let Some(v) = stat
+                .lines()
+                .find_map(|l| l.strip_prefix("hierarchical_memory_limit "))
+        {
+            limit = limit.tighter(parse_v1_limit(v, &format!("{dir}/memory.stat"), notes));
+        }
         let usage = root::read_u64(
             root,
             &format!("{dir}/memory.usage_in_bytes"),

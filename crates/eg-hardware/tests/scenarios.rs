@@ -103,11 +103,13 @@ fn cgroup_v1_container() {
     assert_eq!(cg.version, CgroupVersion::V1);
     // The mount root is the container's own group: its files are at the mount point.
     assert_eq!(cg.dir.as_deref(), Some("/sys/fs/cgroup/memory"));
-    assert_eq!(cg.limit, Limit::Bytes(2 * GIB));
+    // memory.limit_in_bytes says 2 GiB, but memory.stat's hierarchical_memory_limit (an
+    // ancestor outside the container's view) says 1.5 GiB: the tighter wins.
+    assert_eq!(cg.limit, Limit::Bytes(1536 << 20));
     assert_eq!(cg.usage_bytes, Some(512 << 20));
     assert_eq!(r.cpu.cgroup_quota, CpuQuota::Cores(1.5));
-    assert_eq!(r.memory.effective_limit_bytes, Some(2 * GIB));
-    assert_eq!(r.memory.effective_available_bytes, Some(1536 << 20));
+    assert_eq!(r.memory.effective_limit_bytes, Some(1536 << 20));
+    assert_eq!(r.memory.effective_available_bytes, Some(GIB));
     // No sysfs topology here: physical cores come from /proc/cpuinfo core ids.
     assert_eq!(r.cpu.logical_cores, Some(2));
     assert_eq!(r.cpu.physical_cores, Some(2));
