@@ -26,6 +26,11 @@ pub trait TokenDataset: Send + Sync {
 
     /// Copy tokens `start..start + out.len()` of sample `id` into `out`.
     fn read_tokens(&self, id: u64, start: usize, out: &mut [u32]) -> Result<()>;
+
+    /// `(sample_len, prompt_len)` of sample `id`; backends override it to look both up at once.
+    fn sample_info(&self, id: u64) -> Result<(usize, usize)> {
+        Ok((self.sample_len(id)?, self.prompt_len(id)?))
+    }
 }
 
 /// A dataset held in memory: for tests, small corpora and generated data.
@@ -122,5 +127,8 @@ impl<T: TokenDataset + ?Sized> TokenDataset for std::sync::Arc<T> {
     }
     fn read_tokens(&self, id: u64, start: usize, out: &mut [u32]) -> Result<()> {
         (**self).read_tokens(id, start, out)
+    }
+    fn sample_info(&self, id: u64) -> Result<(usize, usize)> {
+        (**self).sample_info(id)
     }
 }

@@ -150,6 +150,10 @@ impl TokenDataset for Mixture {
         let (k, j) = self.locate(id)?;
         self.parts[k].data.read_tokens(j, start, out)
     }
+    fn sample_info(&self, id: u64) -> Result<(usize, usize)> {
+        let (k, j) = self.locate(id)?;
+        self.parts[k].data.sample_info(j)
+    }
 }
 
 #[cfg(test)]

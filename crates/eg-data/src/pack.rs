@@ -245,7 +245,7 @@ pub(crate) fn materialize(
         for span in &row.spans {
             let n = span.len as usize;
             let start = span.start as usize;
-            let sample_len = data.sample_len(span.sample)?;
+            let (sample_len, prompt) = data.sample_info(span.sample)?;
             let real_end = (start + n).min(sample_len);
             let real = real_end.saturating_sub(start);
             if real > 0 {
@@ -258,7 +258,6 @@ pub(crate) fn materialize(
             for (i, p) in batch.position_ids[at..at + n].iter_mut().enumerate() {
                 *p = i as u32;
             }
-            let prompt = data.prompt_len(span.sample)?;
             // Targets: not prompt tokens, not the segment's first token.
             let first_target = prompt.max(start + 1).saturating_sub(start).min(n);
             batch.loss_mask[at + first_target..at + n].fill(1);

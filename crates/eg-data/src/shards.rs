@@ -541,6 +541,12 @@ impl TokenDataset for TokenShards {
         Ok(s.record(i)?.2)
     }
 
+    fn sample_info(&self, id: u64) -> Result<(usize, usize)> {
+        let (s, i) = self.locate(id)?;
+        let (a, b, p) = s.record(i)?;
+        Ok((b - a, p))
+    }
+
     fn read_tokens(&self, id: u64, start: usize, out: &mut [u32]) -> Result<()> {
         let (s, i) = self.locate(id)?;
         let (a, b, _) = s.record(i)?;
