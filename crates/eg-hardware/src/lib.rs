@@ -20,8 +20,8 @@
 //!   [`gpu::GpuStatus::NoDriver`] ("no NVIDIA driver found"), not an error. No CUDA is needed to
 //!   build this crate.
 //! * Probes are explicit and bounded: [`capacity::probe_capacity`] (GEMM GFLOP/s for f32,
-//!   bf16, f16 with candle on the CPU, plus memory bandwidth; cached per machine in a directory
-//!   the caller chooses, written atomically) and [`storage::measure_bandwidth`] (sequential
+//!   bf16, f16 with candle on the CPU, and on each GPU with the `cuda` feature, plus memory
+//!   bandwidth; cached per machine in a directory the caller chooses, written atomically) and [`storage::measure_bandwidth`] (sequential
 //!   write and read, bounded in bytes and seconds, `fsync`'d, direct I/O where allowed, the
 //!   file removed even on error).
 //! * [`capacity::rough_fits`] gives a *rough* largest model per strategy (full f32, bf16 with
@@ -42,7 +42,16 @@
 //! }
 //! let json = serde_json::to_string(&report).unwrap();
 //! assert!(json.contains("\"schema_version\":1"));
+//!
+//! // The same detection on a fixture tree: a container with a 4 GiB cgroup-v2 limit on a
+//! // 256 GiB host reports 4 GiB.
+//! let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/cgroup-v2-container");
+//! let report = Detector::new(Root::new(fixture)).detect();
+//! assert_eq!(report.memory.effective_limit_bytes, Some(4 << 30));
 //! ```
+//!
+//! The `eg hw` subcommand (`crates/eg-cli/src/hw.rs`) is built from this crate too, as the `hw`
+//! example: `cargo run --release -p eg-hardware --example hw -- --probe`.
 //!
 //! ## Report schema (version 1)
 //!
@@ -55,12 +64,12 @@
 //! | `schema_version` | integer | [`SCHEMA_VERSION`]; bumped on any incompatible change |
 //! | `hostname`, `kernel` | string? | `/proc/sys/kernel/{hostname,osrelease}` |
 //! | `cpu` | [`cpu::CpuReport`] | `isa` (`x86`/`arm`/`unknown`), `vendor`, `model`, `logical_cores`, `usable_cores` (affinity, = `nproc`), `physical_cores`, `sockets`, `numa_nodes`, `cgroup_quota` (`{"cores": 1.5}`, `"unlimited"`, `"unknown"`), `caches[]` (`level`, `kind`, `size_bytes`, `shared_by_cpus`), `features` (canonical names from [`cpu::KERNEL_FEATURES`], `null` if unreadable), `current_mhz`, `max_mhz` |
-//! | `memory` | [`memory::MemoryReport`] | `total_bytes`, `available_bytes`, `swap_*`, `shm` (`total_bytes`, `available_bytes`), `cgroup` (`version`: `v1`/`v2`/`none`; `dir`; `limit` and `high`: `{"bytes": n}`, `"unlimited"` or `"unknown"`; `usage_bytes`), `effective_limit_bytes` (min of total, cgroup limit, high; `null` if the cgroup limit is unknown), `effective_available_bytes` |
+//! | `memory` | [`memory::MemoryReport`] | `total_bytes`, `available_bytes`, `swap_*`, `shm` (`total_bytes`, `available_bytes`), `cgroup` (`version`: `v1`/`v2`/`none`; `dir`; `limit` (tightest over the group and its ancestors, and v1's `hierarchical_memory_limit`) and `high`: `{"bytes": n}`, `"unlimited"` (`max`) or `"unknown"` (unreadable, garbage); `usage_bytes`), `effective_limit_bytes` (min of total, cgroup limit, high; `null` if the cgroup limit is unknown), `effective_available_bytes` |
 //! | `gpu` | [`gpu::GpuReport`] | `status` (`{"state": "available"}`, `{"state": "no_driver", "reason": ...}`, `failed`, `not_queried`), `driver_version`, `cuda_version`, `devices[]` (name, memory, compute capability, `bf16_native`, temperature, power W, clocks MHz, `throttle_reasons`, ECC, PCIe) |
 //! | `storage[]` | [`storage::StorageReport`] | per requested path: `mount_point`, `filesystem`, `device`, `disk`, `model`, `kind` (`nvme`, `ssd`, `hdd`, `network`, `tmpfs`, `virtual`, `unknown`), `total_bytes`, `free_bytes`, `bandwidth` (`write_mb_s`, `read_mb_s`, `bytes`, `direct_io`, `read_may_be_cached`) when probed |
 //! | `thermal` | [`thermal::ThermalReport`] | `sensors[]`: `source` (`hwmon`/`thermal_zone`/`nvml`), `chip`, `label`, `temperature_c`, `max_c`, `critical_c` |
 //! | `power` | [`thermal::PowerReport`] | `source` (`ac`/`battery`/`unknown`), `batteries[]`, `cpu_governor` |
-//! | `capacity` | [`capacity::CapacityReport`]? | present after a probe: `gemm[]` (`device`, `dtype`, `n`, `iterations`, `seconds`, `gflops`), `memory_bandwidth_gb_s`, `threads`, `fingerprint`, `measured_at_unix`, `from_cache` |
+//! | `capacity` | [`capacity::CapacityReport`]? | present after a probe: `gemm[]` (`device`, `dtype`, `n`, `iterations`, `seconds`, `gflops`, `note` when there is no figure or only one product), `memory_bandwidth_gb_s`, `threads`, `fingerprint`, `measured_at_unix`, `from_cache` |
 //! | `fits[]` | [`capacity::FitEstimate`] | per device and strategy: `budget_bytes`, `bytes_per_param`, `max_params`, `rough: true` |
 //! | `warnings[]` | string | every reason something is unknown |
 
