@@ -26,6 +26,13 @@
 //! ranks resumes with 2 or 8 and sees every sample of the epoch exactly once, and the
 //! concatenation of the ranks' batches is the same global batch as before.
 //!
+//! Around the loader: [`Prefetcher`] runs it on a background thread behind a bounded queue
+//! (its cursor is the one after the last batch *consumed*); [`Mixture`] mixes datasets by
+//! weight into one id space; [`augment`] holds seeded, length-preserving transforms applied
+//! per segment with a seed that does not depend on the rank. Token shards are read
+//! memory-mapped ([`ShardAccess::Mapped`], fastest) or with positioned reads
+//! ([`ShardAccess::Read`], flat resident set on corpora larger than memory).
+//!
 //! The order is computed with a fully specified PRNG (SplitMix64 + Fisher–Yates, see
 //! [`order`]), not a library's, so it never changes under a dependency upgrade.
 //!
