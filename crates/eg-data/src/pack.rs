@@ -5,7 +5,7 @@
 //! one rank owns). Every rank computes the same plan for the global batch, so the global
 //! batch does not depend on the number of ranks; each rank reads only its own rows' tokens.
 //!
-//! - [`pack_concat`]-style pre-training: samples are concatenated, each followed by EOS, and
+//! - [`Packing::Concat`](crate::Packing::Concat) for pre-training: samples are concatenated, each followed by EOS, and
 //!   cut into rows of `seq_len`; the tail of a sample that did not fit continues the next
 //!   row (the *carry-over*, saved in the [`Cursor`](crate::Cursor)).
 //! - [`best_fit_decreasing`] for fine-tuning: a window of samples is packed into as few rows
