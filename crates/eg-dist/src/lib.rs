@@ -11,7 +11,9 @@
 #[non_exhaustive]
 pub enum Error {
     /// The requested capability is not built yet.
-    #[error("{what} is not supported yet (tracked in issue #{issue}; see the README's status table)")]
+    #[error(
+        "{what} is not supported yet (tracked in issue #{issue}; see the README's status table)"
+    )]
     Unsupported {
         /// What was asked for.
         what: &'static str,
