@@ -213,6 +213,23 @@ fn checkpoint_stall() -> (f64, f64, u64) {
     (stall, save, bytes)
 }
 
+/// CPU seconds (user + system) of this process so far, from `/proc/self/stat` (Linux).
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // fields 14 and 15 of the stat line (utime, stime) are at 11 and 12 after the name
+    (tick(11) + tick(12)) / 100.0
+}
+
+/// (wall s/step, CPU s/step) of a variant; the CPU figure includes the warm-up step.
+fn timed(f: fn() -> f64) -> (f64, f64) {
+    let c0 = cpu_secs();
+    let wall = f();
+    (wall, (cpu_secs() - c0) / (STEPS + 1) as f64)
+}
+
 fn disk_bandwidth(bytes: usize) -> f64 {
     use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
@@ -232,17 +249,25 @@ fn main() {
         n as f64 / 1e6,
         eg_kernel::compute_threads()
     );
-    let mut rows = Vec::new();
-    for round in 0..2 {
-        let a = bare_candle();
-        let b = bare_inplace();
-        let c = guarded();
+    let rounds = 3;
+    let mut sums = [(0.0, 0.0); 3];
+    for round in 0..rounds {
+        let r = [timed(bare_candle), timed(bare_inplace), timed(guarded)];
         println!(
-            "round {round}: bare candle_nn::AdamW {a:.3} s/step | bare in-place AdamW {b:.3} s/step | guarded Trainer {c:.3} s/step ({:+.1}% vs bare in-place)",
-            100.0 * (c / b - 1.0)
+            "round {round}: wall s/step (CPU s/step): bare candle_nn::AdamW {:.3} ({:.3}) | bare in-place AdamW {:.3} ({:.3}) | guarded Trainer {:.3} ({:.3})",
+            r[0].0, r[0].1, r[1].0, r[1].1, r[2].0, r[2].1
         );
-        rows.push((a, b, c));
+        for (s, x) in sums.iter_mut().zip(r) {
+            s.0 += x.0 / rounds as f64;
+            s.1 += x.1 / rounds as f64;
+        }
     }
+    println!(
+        "mean: guarded Trainer vs bare in-place loop: wall {:+.1}%, CPU {:+.1}%; bare candle_nn::AdamW loop vs bare in-place: wall {:+.1}%",
+        100.0 * (sums[2].0 / sums[1].0 - 1.0),
+        100.0 * (sums[2].1 / sums[1].1 - 1.0),
+        100.0 * (sums[0].0 / sums[1].0 - 1.0),
+    );
     let (stall, save, bytes) = checkpoint_stall();
     let bw = disk_bandwidth(bytes as usize);
     println!(

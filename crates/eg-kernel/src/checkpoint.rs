@@ -17,6 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use std::io::Write;
 
@@ -46,9 +47,9 @@ pub struct CheckpointData {
     /// Optimizer steps done.
     pub step: u64,
     /// Weights by name: shape and values.
-    pub weights: NamedBuffers,
+    pub weights: Arc<NamedBuffers>,
     /// Optimizer state.
-    pub optimizer: OptimizerState,
+    pub optimizer: Arc<OptimizerState>,
     /// The trainer's state (JSON).
     pub trainer_json: Vec<u8>,
     /// The data cursor (JSON).
@@ -350,8 +351,8 @@ pub fn load(dir: &Path) -> Result<CheckpointData> {
     };
     Ok(CheckpointData {
         step: m.step,
-        weights,
-        optimizer: OptimizerState { t, kind, buffers },
+        weights: Arc::new(weights),
+        optimizer: Arc::new(OptimizerState { t, kind, buffers }),
         trainer_json: read(TRAINER)?,
         cursor_json: read(CURSOR)?,
         config_toml,

@@ -281,8 +281,9 @@ pub struct FitReport {
 struct Snapshot {
     step: u64,
     tokens_seen: u64,
-    params: Vec<Vec<f32>>,
-    optimizer: OptimizerState,
+    /// Weights by name, shared with the checkpoint writer (no second copy).
+    weights: Arc<crate::checkpoint::NamedBuffers>,
+    optimizer: Arc<OptimizerState>,
     cursor: Cursor,
     detector: Option<SpikeDetector>,
 }
@@ -478,15 +479,18 @@ impl<M: TrainModel> Trainer<M> {
     }
 
     fn capture(&self) -> Result<Snapshot> {
-        let mut params = Vec::with_capacity(self.vars.len());
+        let mut weights = BTreeMap::new();
         for (n, v) in self.names.iter().zip(&self.vars) {
-            params.push(to_vec_f32(n, v.as_tensor())?);
+            weights.insert(
+                n.clone(),
+                (v.dims().to_vec(), to_vec_f32(n, v.as_tensor())?),
+            );
         }
         Ok(Snapshot {
             step: self.state.step,
             tokens_seen: self.state.tokens_seen,
-            params,
-            optimizer: self.optimizer.export_state()?,
+            weights: Arc::new(weights),
+            optimizer: Arc::new(self.optimizer.export_state()?),
             cursor: self.loader.cursor(),
             detector: self.state.detector.clone(),
         })
@@ -496,7 +500,12 @@ impl<M: TrainModel> Trainer<M> {
         let Some(s) = self.snapshot.take() else {
             return Ok(());
         };
-        for ((n, v), p) in self.names.iter().zip(&self.vars).zip(&s.params) {
+        for (n, v) in self.names.iter().zip(&self.vars) {
+            let (_, p) = s.weights.get(n).ok_or_else(|| Error::StateMismatch {
+                what: format!("snapshot of {n}"),
+                expected: "present".into(),
+                found: "missing".into(),
+            })?;
             set_var(n, v, p)?;
         }
         self.optimizer.import_state(&s.optimizer)?;
@@ -880,13 +889,9 @@ impl<M: TrainModel> Trainer<M> {
         };
         self.join_pending()?;
         let snap = self.capture()?;
-        let mut weights = BTreeMap::new();
-        for ((n, v), p) in self.names.iter().zip(&self.vars).zip(&snap.params) {
-            weights.insert(n.clone(), (v.dims().to_vec(), p.clone()));
-        }
         let data = CheckpointData {
             step: self.state.step,
-            weights,
+            weights: snap.weights.clone(),
             optimizer: snap.optimizer.clone(),
             trainer_json: serde_json::to_vec_pretty(&self.state).map_err(|source| Error::Json {
                 what: "trainer.json",
