@@ -33,8 +33,9 @@
 //! memory-mapped ([`ShardAccess::Mapped`], fastest) or with positioned reads
 //! ([`ShardAccess::Read`], flat resident set on corpora larger than memory).
 //!
-//! The order is computed with a fully specified PRNG (SplitMix64 + Fisher–Yates, see
-//! [`order`]), not a library's, so it never changes under a dependency upgrade.
+//! The order is computed with fully specified code (SplitMix64 and a Feistel permutation
+//! evaluated on demand, see [`order`]), not a library's, so it never changes under a
+//! dependency upgrade, and it takes O(1) memory whatever the number of samples.
 //!
 //! ## Example
 //!

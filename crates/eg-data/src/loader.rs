@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::augment::Augment;
-use crate::order::{SplitMix64, epoch_order, mix64, shard_range};
+use crate::order::{EpochPermutation, SplitMix64, mix64, shard_range};
 use crate::pack::{
     Batch, Fill, Item, RowPlan, Span, best_fit_decreasing, materialize, split_sample,
 };
@@ -148,8 +148,7 @@ struct Planner {
     position: u64,
     offset: u32,
     pending: VecDeque<RowPlan>,
-    order: Vec<u32>,
-    order_epoch: u64,
+    order: EpochPermutation,
 }
 
 /// Streams packed batches of a [`TokenDataset`] for one rank, deterministically.
@@ -209,9 +208,6 @@ impl Loader {
         if n == 0 {
             return Err(invalid("dataset", "has no sample"));
         }
-        if u32::try_from(n).is_err() {
-            return Err(invalid("dataset", "has more than 2^32 - 1 samples"));
-        }
         let eos = u64::from(opts.eos_id.is_some());
         let mut tokens = 0u64;
         for id in 0..n {
@@ -227,7 +223,7 @@ impl Loader {
         if tokens == 0 {
             return Err(invalid("dataset", "has no token"));
         }
-        let order = epoch_order(n as u32, opts.seed, 0, opts.shuffle);
+        let order = EpochPermutation::new(n, opts.seed, 0, opts.shuffle);
         let rng = SplitMix64::new(mix64(opts.seed ^ 0xD1B5_4A32_D192_ED03));
         Ok(Self {
             planner: Planner {
@@ -237,7 +233,6 @@ impl Loader {
                 offset: 0,
                 pending: VecDeque::new(),
                 order,
-                order_epoch: 0,
             },
             data,
             opts,
@@ -348,10 +343,7 @@ impl Loader {
             Carry::Partial { offset } => p.offset = *offset,
             Carry::Rows(rows) => p.pending.extend(rows.iter().cloned()),
         }
-        if p.order_epoch != p.epoch {
-            p.order = epoch_order(p.n as u32, self.opts.seed, p.epoch, self.opts.shuffle);
-            p.order_epoch = p.epoch;
-        }
+        p.order = EpochPermutation::new(p.n, self.opts.seed, p.epoch, self.opts.shuffle);
         self.rng = SplitMix64::new(cursor.rng_state);
         self.step = cursor.step;
         Ok(())
@@ -414,8 +406,7 @@ impl Loader {
         p.epoch += 1;
         p.position = 0;
         p.offset = 0;
-        p.order = epoch_order(p.n as u32, self.opts.seed, p.epoch, self.opts.shuffle);
-        p.order_epoch = p.epoch;
+        p.order = EpochPermutation::new(p.n, self.opts.seed, p.epoch, self.opts.shuffle);
         true
     }
 
@@ -426,7 +417,7 @@ impl Loader {
             if self.planner.position >= self.planner.n && !self.advance_epoch() {
                 break;
             }
-            let id = u64::from(self.planner.order[self.planner.position as usize]);
+            let id = self.planner.order.get(self.planner.position);
             let eff = self.effective_len(id)?;
             let offset = self.planner.offset.min(eff);
             let take = (eff - offset).min(room);
@@ -458,7 +449,7 @@ impl Loader {
             let end = (start + window as u64).min(self.planner.n);
             items.clear();
             for pos in start..end {
-                let id = u64::from(self.planner.order[pos as usize]);
+                let id = self.planner.order.get(pos);
                 split_sample(
                     id,
                     self.effective_len(id)? as usize,
