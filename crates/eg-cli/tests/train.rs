@@ -273,3 +273,44 @@ fn text_files_with_a_bpe_trained_at_start_then_resume() {
     let out = run_with("9");
     assert!(String::from_utf8_lossy(&out.stdout).contains("already complete"));
 }
+
+#[test]
+fn second_sigint_aborts() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = eg_train(
+        dir.path(),
+        &["train.max_steps=100000", "train.checkpoints.every=1000"],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let metrics = dir.path().join("metrics.jsonl");
+    let start = Instant::now();
+    while std::fs::read_to_string(&metrics)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+        < 2
+    {
+        assert!(start.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for _ in 0..2 {
+        Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap();
+        // Two signals sent back to back may merge into one pending signal.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    // Either the second signal arrived while stopping (abort, 130) or the first one had
+    // already been handled completely (0); never a hang or a crash.
+    let code = out.status.code();
+    assert!(
+        code == Some(130) || code == Some(0),
+        "{code:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("exit code after two SIGINTs: {code:?}");
+}

@@ -71,6 +71,10 @@ pub enum Error {
         /// Consecutive non-finite steps.
         consecutive: u32,
     },
+    /// The background checkpoint writer panicked (a bug); the checkpoint it was writing is
+    /// incomplete and will be skipped on resume.
+    #[error("the background checkpoint writer panicked")]
+    WriterPanicked,
     /// The data ran out before the first step.
     #[error("the data stream is empty")]
     NoData,

@@ -870,12 +870,7 @@ impl<M: TrainModel> Trainer<M> {
                 Ok(r) => {
                     r?;
                 }
-                Err(_) => {
-                    return Err(Error::Unsupported {
-                        what: "recovering from a panicked checkpoint writer",
-                        issue: 6,
-                    });
-                }
+                Err(_) => return Err(Error::WriterPanicked),
             }
         }
         Ok(())
