@@ -111,6 +111,14 @@ pub enum Anomaly {
         /// Its robust z-score.
         zscore: f64,
     },
+    /// A periodic checkpoint could not be written; training went on (the previous valid
+    /// checkpoint still stands). A failure of the final checkpoint is an error instead.
+    CheckpointFailed {
+        /// Update index of the checkpoint.
+        step: u64,
+        /// The error.
+        error: String,
+    },
     /// Parameters, optimizer and data position were restored from the in-memory snapshot.
     Rollback {
         /// Update index before.
@@ -165,6 +173,9 @@ pub struct TrainerState {
     pub last_eval: Option<f64>,
     /// Compute threads (candle) of the process that wrote this.
     pub threads: usize,
+    /// Periodic checkpoints that failed to write.
+    #[serde(default)]
+    pub checkpoint_failures: u64,
 }
 
 /// Checkpoint settings.
@@ -305,6 +316,7 @@ pub struct Trainer<M: TrainModel> {
     grads: Vec<Vec<f32>>,
     metrics: Option<std::fs::File>,
     pending: Option<JoinHandle<Result<PathBuf>>>,
+    pending_step: u64,
     last_checkpoint: Option<PathBuf>,
     coverage_checked: bool,
 }
@@ -376,6 +388,7 @@ impl<M: TrainModel> Trainer<M> {
                 evals_since_best: 0,
                 last_eval: None,
                 threads: compute_threads(),
+                checkpoint_failures: 0,
             },
             opts,
             callbacks: Vec::new(),
@@ -383,6 +396,7 @@ impl<M: TrainModel> Trainer<M> {
             grads,
             metrics: None,
             pending: None,
+            pending_step: 0,
             last_checkpoint: None,
             coverage_checked: false,
         })
@@ -710,7 +724,14 @@ impl<M: TrainModel> Trainer<M> {
                 .as_ref()
                 .is_some_and(|c| s.is_multiple_of(c.every) || at_end || stop || early);
             if ckpt_due {
-                self.save_checkpoint(last_eval.as_ref().filter(|e| e.step == s).map(|e| e.loss))?;
+                let eval_loss = last_eval.as_ref().filter(|e| e.step == s).map(|e| e.loss);
+                match self.save_checkpoint(eval_loss) {
+                    Ok(_) => {}
+                    // A periodic checkpoint may fail (disk full, ...): go on, the previous
+                    // valid one stands. The last one of the run must succeed.
+                    Err(e) if !(at_end || stop || early) => self.checkpoint_failed(s, e)?,
+                    Err(e) => return Err(e),
+                }
             } else if self.opts.snapshot_every > 0 && s.is_multiple_of(self.opts.snapshot_every) {
                 self.snapshot = Some(self.capture()?);
             }
@@ -864,6 +885,23 @@ impl<M: TrainModel> Trainer<M> {
         Ok(e)
     }
 
+    fn checkpoint_failed(&mut self, step: u64, e: Error) -> Result<()> {
+        self.state.checkpoint_failures += 1;
+        self.anomaly(Anomaly::CheckpointFailed {
+            step,
+            error: e.to_string(),
+        })
+    }
+
+    /// Waits for a background write; its failure is reported as an anomaly, not returned.
+    fn settle_pending(&mut self) -> Result<()> {
+        let step = self.pending_step;
+        match self.join_pending() {
+            Ok(()) => Ok(()),
+            Err(e) => self.checkpoint_failed(step, e),
+        }
+    }
+
     fn join_pending(&mut self) -> Result<()> {
         if let Some(h) = self.pending.take() {
             match h.join() {
@@ -882,7 +920,7 @@ impl<M: TrainModel> Trainer<M> {
         let Some(c) = self.opts.checkpoints.clone() else {
             return Ok(None);
         };
-        self.join_pending()?;
+        self.settle_pending()?;
         let snap = self.capture()?;
         let data = CheckpointData {
             step: self.state.step,
@@ -905,6 +943,7 @@ impl<M: TrainModel> Trainer<M> {
             Ok(d)
         };
         if self.opts.checkpoints.as_ref().is_some_and(|c| c.background) {
+            self.pending_step = self.state.step;
             self.pending = Some(std::thread::spawn(write));
         } else {
             write()?;

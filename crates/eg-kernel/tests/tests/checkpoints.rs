@@ -116,3 +116,22 @@ fn keep_last_and_best() {
     // newest two; the best eval is the newest too (loss falls), so nothing else is kept
     assert_eq!(steps, vec![8, 6]);
 }
+
+#[test]
+fn a_failed_periodic_checkpoint_is_reported_and_training_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("checkpoints");
+    std::fs::create_dir_all(&root).unwrap();
+    // A regular file where the step-2 directory must go: that write fails.
+    std::fs::write(root.join("step-00000002"), b"in the way").unwrap();
+    let mut o = with_checkpoints(options(6, 2), dir.path(), 2);
+    if let Some(c) = &mut o.checkpoints {
+        c.background = false;
+    }
+    let r = trainer(model(), 4, o).fit().unwrap();
+    assert_eq!(r.steps, 6);
+    assert_eq!(r.state.checkpoint_failures, 1);
+    let text = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    assert!(text.contains("checkpoint_failed"), "{text}");
+    assert_eq!(newest(dir.path()), 6);
+}
