@@ -24,6 +24,18 @@
 //!   checkpoint wins. Everything that decides the trajectory (weights, optimizer, data
 //!   cursor, spike window, quarantine, LR back-off) is saved, so a resumed run is bitwise
 //!   identical to an uninterrupted one at the same thread count (recorded in the checkpoint).
+//!   Checkpoints are written on a background thread from an in-memory snapshot that is also
+//!   the rollback point; a failed periodic write is reported as an [`Anomaly`] and training
+//!   goes on (the previous valid checkpoint stands).
+//! - [`Trainer::builder`]: the few-lines entry point ([`OptimizerSpec`], [`ScheduleSpec`],
+//!   [`Checkpoints`]); `build()` checks everything, returns `Result` and resumes.
+//! - [`Callback`]: hooks at step start/end, eval, checkpoint and anomaly; with a run
+//!   directory, every step, eval and anomaly is also a JSON line in `metrics.jsonl` (a
+//!   resumed run first drops the lines after its checkpoint, so the file reads as one run).
+//!
+//! Why in place? candle's `AdamW` allocates new tensors for every moment and parameter each
+//! step (issue #9 measured 1.6–2.3 s per step on a 110M model against 0.13–0.33 s in place)
+//! and keeps its moments private, so they could be neither saved nor offloaded.
 //!
 //! ## Example
 //!
