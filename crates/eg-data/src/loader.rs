@@ -140,6 +140,15 @@ impl Cursor {
     }
 }
 
+/// More than two epochs' worth of consecutive empty samples (so at least one whole epoch)
+/// went by without a token.
+fn no_token() -> Error {
+    Error::InvalidOption {
+        option: "dataset",
+        reason: "has no token (every sample is empty and no EOS is appended)".into(),
+    }
+}
+
 /// The global row stream: independent of ranks, rebuilt exactly from a cursor.
 #[derive(Debug, Clone)]
 struct Planner {
@@ -179,7 +188,8 @@ impl std::fmt::Debug for Loader {
 }
 
 impl Loader {
-    /// A loader at the start of epoch 0. Checks the options and that the dataset has tokens.
+    /// A loader at the start of epoch 0. Checks the options; O(1) in the dataset size (a
+    /// dataset whose samples are all empty is reported by the first `next_batch`).
     pub fn new(
         data: Arc<dyn TokenDataset>,
         opts: LoaderOptions,
@@ -207,21 +217,6 @@ impl Loader {
         let n = data.len();
         if n == 0 {
             return Err(invalid("dataset", "has no sample"));
-        }
-        let eos = u64::from(opts.eos_id.is_some());
-        let mut tokens = 0u64;
-        for id in 0..n {
-            let len = data.sample_len(id)?;
-            if u32::try_from(len).is_err() {
-                return Err(invalid(
-                    "dataset",
-                    "has a sample of more than 2^32 - 1 tokens",
-                ));
-            }
-            tokens += len as u64 + eos;
-        }
-        if tokens == 0 {
-            return Err(invalid("dataset", "has no token"));
         }
         let order = EpochPermutation::new(n, opts.seed, 0, opts.shuffle);
         let rng = SplitMix64::new(mix64(opts.seed ^ 0xD1B5_4A32_D192_ED03));
@@ -413,9 +408,13 @@ impl Loader {
     fn next_concat_row(&mut self) -> Result<Option<RowPlan>> {
         let mut row = RowPlan::default();
         let mut room = self.opts.seq_len as u32;
+        let mut empty_run = 0u64;
         while room > 0 {
             if self.planner.position >= self.planner.n && !self.advance_epoch() {
                 break;
+            }
+            if empty_run > 2 * self.planner.n {
+                return Err(no_token());
             }
             let id = self.planner.order.get(self.planner.position);
             let eff = self.effective_len(id)?;
@@ -428,6 +427,9 @@ impl Loader {
                     len: take,
                 });
                 room -= take;
+                empty_run = 0;
+            } else {
+                empty_run += 1;
             }
             if offset + take >= eff {
                 self.planner.position += 1;
@@ -441,9 +443,13 @@ impl Loader {
 
     fn next_packed_row(&mut self, window: usize) -> Result<Option<RowPlan>> {
         let mut items: Vec<Item> = Vec::new();
+        let mut empty_run = 0u64;
         while self.planner.pending.is_empty() {
             if self.planner.position >= self.planner.n && !self.advance_epoch() {
                 return Ok(None);
+            }
+            if empty_run > 2 * self.planner.n {
+                return Err(no_token());
             }
             let start = self.planner.position;
             let end = (start + window as u64).min(self.planner.n);
@@ -457,6 +463,11 @@ impl Loader {
                     &mut items,
                 );
             }
+            empty_run = if items.is_empty() {
+                empty_run + (end - start)
+            } else {
+                0
+            };
             self.planner.position = end;
             self.planner
                 .pending
@@ -516,6 +527,28 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    #[test]
+    fn all_empty_dataset_is_an_error_not_a_hang() {
+        let empty: Arc<dyn TokenDataset> =
+            Arc::new(InMemoryDataset::from_docs(vec![Vec::<u32>::new(); 5]));
+        for packing in [Packing::Concat, Packing::BestFit { window: 2 }] {
+            let o = LoaderOptions {
+                seq_len: 4,
+                rows_per_step: 1,
+                packing,
+                ..Default::default()
+            };
+            let mut l = Loader::new(empty.clone(), o, Placement::SINGLE).unwrap();
+            assert!(matches!(
+                l.next_batch(),
+                Err(Error::InvalidOption {
+                    option: "dataset",
+                    ..
+                })
+            ));
+        }
     }
 
     #[test]
