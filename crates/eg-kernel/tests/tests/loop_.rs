@@ -123,3 +123,40 @@ fn sft_trains_only_on_response_tokens() {
     let mut t = eg_kernel::Trainer::new(m, opt, loader, options(5, 2)).unwrap();
     assert_eq!(t.fit().unwrap().steps, 5);
 }
+
+#[test]
+fn early_stopping_when_eval_stops_improving() {
+    use eg_data::{Loader, Placement};
+    use eg_kernel::{EvalSet, Optimizer, OptimizerKind, Trainer};
+    // Lion at lr 0.5 wrecks the model: the eval loss gets worse, patience 2 stops the run.
+    let m = model();
+    let opt = Optimizer::new(
+        OptimizerKind::Lion {
+            beta1: 0.9,
+            beta2: 0.99,
+        },
+        0.0,
+        &shapes(&m),
+    )
+    .unwrap();
+    let loader = Loader::new(dataset(0), loader_opts(4), Placement::SINGLE).unwrap();
+    let mut o = options(50, 4);
+    o.schedule = eg_kernel::Schedule::constant(0.5);
+    o.spike = None;
+    o.clip_norm = None;
+    o.eval_every = 1;
+    o.eval_max_batches = 1;
+    o.early_stopping_patience = Some(2);
+    let mut t = Trainer::new(m, opt, loader, o).unwrap().with_eval(EvalSet {
+        data: dataset(1),
+        opts: eg_data::LoaderOptions {
+            shuffle: false,
+            epochs: Some(1),
+            ..loader_opts(4)
+        },
+    });
+    let r = t.fit().unwrap();
+    assert!(r.early_stopped, "{r:?}");
+    assert!(r.steps < 50);
+    assert_eq!(r.state.evals_since_best, 2);
+}
