@@ -210,12 +210,7 @@ pub(crate) fn run(args: PlanArgs) -> anyhow::Result<std::process::ExitCode> {
     let features = report.cpu.features.clone().unwrap_or_default();
     let request = mem::PlanRequest::from_config(&cfg, profile, &features);
     let speed = mem::SpeedModel::from_report(&report);
-    let plan = mem::plan(
-        &request,
-        &budget,
-        &mem::MemoryModel::from_config(&cfg),
-        &speed,
-    )?;
+    let plan = mem::plan(&request, &budget, &mem::MemoryModel::default(), &speed)?;
 
     if args.json {
         let text = serde_json::to_string_pretty(&plan).context("serializing the plan")?;

@@ -383,14 +383,13 @@ pub struct Estimate {
     /// gradient contiguous; `p_b` counts scores and probabilities, hence the half), and
     /// under QLoRA one dequantized matrix `largest·c`.
     pub transient: Bytes,
-    /// A checkpoint being written on a background thread while the next steps run: one
-    /// copy of the f32 parameters and the optimizer state, `T·4 + slots·T·4` (0 when
-    /// [`MemoryModel::background_checkpoint`] is off).
+    /// Copies a background checkpoint writer holds while the next steps run:
+    /// [`MemoryModel::in_flight_copies`]` × (T·4 + slots·T·4)`. 0 with eg-kernel, whose
+    /// writer shares the rollback snapshot.
     pub checkpoint_in_flight: Bytes,
     /// Copies made while writing a checkpoint:
-    /// [`MemoryModel::checkpoint_copies`]` × (T·4 + slots·T·4)` (eg-kernel captures a new
-    /// snapshot while the old one is alive, clones it into the checkpoint record and
-    /// serializes it).
+    /// [`MemoryModel::checkpoint_copies`]` × (T·4 + slots·T·4)` (eg-kernel captures the new
+    /// snapshot while the old one is still alive: one copy).
     pub checkpoint_buffers: Bytes,
     /// The predicted peak: persistent terms + the larger of the two phases.
     pub peak: Bytes,
@@ -468,24 +467,24 @@ pub struct MemoryModel {
     pub offload_window: Bytes,
     /// Whether the trainer keeps an in-memory rollback snapshot (eg-kernel's does).
     pub rollback_snapshot: bool,
-    /// Copies of parameters and optimizer state alive while a checkpoint is written.
+    /// Extra copies of parameters and optimizer state alive while a checkpoint is captured.
     pub checkpoint_copies: u32,
-    /// Whether checkpoints are written on a background thread while training goes on
-    /// (`train.checkpoints.background`).
-    pub background_checkpoint: bool,
+    /// Extra copies a background checkpoint writer holds while training goes on.
+    pub in_flight_copies: u32,
 }
 
 impl Default for MemoryModel {
-    /// 32 MiB runtime overhead (measured: `eg train` of a 0.03M-parameter model peaks at
-    /// 26 MiB), 64 MiB offload window, rollback snapshot on, 3 checkpoint copies,
-    /// background checkpoints.
+    /// eg-kernel's trainer as measured in `docs/memory.md`: 32 MiB runtime overhead (`eg
+    /// train` of a 0.03M-parameter model peaks at 26 MiB), 64 MiB offload window, a rollback
+    /// snapshot shared with the checkpoint writer (no in-flight copy), one extra copy while
+    /// a checkpoint is captured.
     fn default() -> Self {
         MemoryModel {
             runtime_overhead: Bytes(32 << 20),
             offload_window: Bytes(64 << 20),
             rollback_snapshot: true,
-            checkpoint_copies: 3,
-            background_checkpoint: true,
+            checkpoint_copies: 1,
+            in_flight_copies: 0,
         }
     }
 }
@@ -495,14 +494,6 @@ fn mul(a: u64, b: u64) -> u64 {
 }
 
 impl MemoryModel {
-    /// The default model with `train.checkpoints.background` from the configuration.
-    pub fn from_config(config: &eg_config::Config) -> MemoryModel {
-        MemoryModel {
-            background_checkpoint: config.train.checkpoints.background,
-            ..MemoryModel::default()
-        }
-    }
-
     /// Predicts the peak bytes of one training step of `profile` run as `setup`.
     pub fn estimate(&self, profile: &ModelProfile, setup: &Setup) -> Result<Estimate> {
         profile.validate()?;
@@ -624,11 +615,10 @@ impl MemoryModel {
         )
         .saturating_add(dequant);
 
-        let checkpoint_in_flight = if self.background_checkpoint {
-            f32_params.saturating_add(state_in_ram)
-        } else {
-            0
-        };
+        let checkpoint_in_flight = mul(
+            u64::from(self.in_flight_copies),
+            f32_params.saturating_add(state_in_ram),
+        );
 
         // Checkpoint phase.
         let checkpoint_buffers = mul(
@@ -716,7 +706,7 @@ mod tests {
             offload_window: Bytes(1_000),
             rollback_snapshot: false,
             checkpoint_copies: 0,
-            background_checkpoint: false,
+            in_flight_copies: 0,
         }
     }
 
@@ -869,7 +859,7 @@ mod tests {
         assert_eq!(e.peak, Bytes(28_000_000 + 36_000_000));
         // A background write in flight adds one copy to the step phase.
         let bg = MemoryModel {
-            background_checkpoint: true,
+            in_flight_copies: 1,
             ..m
         };
         let e2 = bg.estimate(&toy(), &setup()).unwrap();

@@ -9,8 +9,10 @@
 //!   fills in from its layer analysis; this crate sits below eg-model and does not depend on
 //!   it) and a [`Setup`] (precision, optimizer, LoRA/QLoRA, sequence length, micro-batch,
 //!   accumulation, checkpointing, offload), [`MemoryModel::estimate`] predicts the peak bytes
-//!   of a training step, term by term. Every term and formula is documented on [`Estimate`]
-//!   and in `docs/memory.md`.
+//!   of a training step, term by term: persistent state, plus the larger of the step phase
+//!   (gradients, activations, transient buffers) and the checkpoint phase. Every term and
+//!   formula is documented on [`Estimate`] and in `docs/memory.md`, with predicted vs
+//!   measured peak RSS (within ±10 % over 13 configurations of eg-kernel's trainer).
 //! - [`planner`]: the [`Budget`] (effective memory from eg-hardware, cgroup aware, ×
 //!   `memory.budget_fraction`, capped by `memory.limit`, minus `memory.reserve`) and [`plan`],
 //!   which enumerates micro-batch sizes dividing the global batch, checkpointing on/off and
@@ -18,7 +20,8 @@
 //!   fastest that fits with headroom — or returns [`Error::DoesNotFit`] saying by how much
 //!   and what would help.
 //! - [`live`]: what is used now — process RSS/HWM, cgroup v1 and v2 usage, limit, peak and
-//!   OOM events, PSI — all read through an [`eg_hardware::Root`] so tests use fixture trees.
+//!   OOM events, PSI — all read through an [`eg_hardware::Root`] so tests use fixture trees;
+//!   GPU memory through eg-hardware's NVML trait.
 //! - [`pressure`]: [`Level`]s (Normal, Elevated, Critical) with hysteresis (enter at one
 //!   threshold, leave below a lower one, after a minimum dwell).
 //! - [`controller`]: the pure state machine that shrinks the micro-batch (accumulation grows,

@@ -697,7 +697,7 @@ mod tests {
             offload_window: Bytes(1 << 20),
             rollback_snapshot: false,
             checkpoint_copies: 0,
-            background_checkpoint: false,
+            in_flight_copies: 0,
         }
     }
 
