@@ -16,6 +16,34 @@
 //! | [`dist`] | `eg-dist` | process groups, collectives, elastic restarts |
 //! | [`monitor`] | `eg-monitor` | logging, metrics, watchdog, sinks |
 //! | [`export`] | `eg-export` | export formats and their validation |
+//!
+//! [`prelude`] gathers the types a training script needs. A few lines train a model with
+//! checked settings, atomic checkpoints and exact resume:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use elastic_guardian::prelude::*;
+//!
+//! # fn main() -> elastic_guardian::Result<()> {
+//! # let dir = tempfile::tempdir().expect("a temporary directory");
+//! let model = Llama::init(&LlamaConfig::tiny_for_tests(), 7, DType::F32, &Device::Cpu)?;
+//! let docs = (0..64u32).map(|i| (0..24).map(|j| (i * 5 + j) % 60).collect::<Vec<u32>>());
+//! let data = Arc::new(InMemoryDataset::from_docs(docs));
+//! let report = Trainer::builder(model, data)
+//!     .optimizer(OptimizerSpec::adamw(1e-3))
+//!     .schedule(ScheduleSpec::cosine().warmup(Steps(2)))
+//!     .seq_len(SeqLen(8))
+//!     .global_batch(Tokens(64))          // 8 sequences per optimizer step
+//!     .max_steps(Steps(4))
+//!     .checkpoints(Checkpoints::dir(dir.path().join("ckpt")).every(Steps(2)).keep(2))
+//!     .build()?                          // validates everything, or fails clearly
+//!     .fit()?;                           // resumes from the newest valid checkpoint
+//! assert_eq!(report.steps, 4);
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod prelude;
 
 pub use eg_config as config;
 pub use eg_data as data;
@@ -59,6 +87,12 @@ pub enum Error {
     /// An export error.
     #[error(transparent)]
     Export(#[from] eg_export::Error),
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Model(eg_model::Error::from(e))
+    }
 }
 
 /// Result alias of the facade.
