@@ -291,3 +291,53 @@ fn plan_serializes() {
     let back: eg_memory::Plan = serde_json::from_str(&json).unwrap();
     assert_eq!(back, p);
 }
+
+#[test]
+fn speed_model_uses_measured_gemm_and_disk_bandwidth() {
+    let t = tempfile::tempdir().unwrap();
+    let mut report = container(t.path(), 8 << 30);
+    assert!(SpeedModel::from_report(&report).assumed());
+    report.capacity = Some(eg_hardware::capacity::CapacityReport {
+        fingerprint: "test".into(),
+        measured_at_unix: 0,
+        threads: 2,
+        gemm: ["f32", "bf16"]
+            .iter()
+            .zip([80.0, 120.0])
+            .map(|(d, g)| eg_hardware::capacity::GemmFigure {
+                device: "cpu".into(),
+                dtype: d.to_string(),
+                n: 512,
+                iterations: 1,
+                seconds: 1.0,
+                gflops: Some(g),
+                note: None,
+            })
+            .collect(),
+        memory_bandwidth_gb_s: None,
+        from_cache: false,
+    });
+    report.storage.push(eg_hardware::storage::StorageReport {
+        path: "/nvme".into(),
+        mount_point: None,
+        filesystem: None,
+        device: None,
+        disk: None,
+        model: None,
+        kind: eg_hardware::storage::StorageKind::Nvme,
+        total_bytes: None,
+        free_bytes: None,
+        bandwidth: Some(eg_hardware::storage::Bandwidth {
+            bytes: 1 << 28,
+            write_mb_s: 1500.0,
+            read_mb_s: 2500.0,
+            direct_io: true,
+            read_may_be_cached: false,
+        }),
+    });
+    let s = SpeedModel::from_report(&report);
+    assert_eq!(s.gflops, Some(120.0));
+    assert_eq!(s.disk_read_mb_s, Some(2500.0));
+    assert_eq!(s.disk_write_mb_s, Some(1500.0));
+    assert!(!s.assumed());
+}
