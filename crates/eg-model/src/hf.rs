@@ -154,7 +154,16 @@ impl Llama {
     /// needed). With `max_shard_bytes`, weights larger than that are split into
     /// `model-0000i-of-0000n.safetensors` shards plus `model.safetensors.index.json`.
     /// Every file is written atomically.
+    ///
+    /// A model with LoRA adapters is refused ([`Error::LoraState`]): save the adapters with
+    /// [`Llama::save_lora_adapter`] or the merged model via [`Llama::merge_and_unload`].
     pub fn save_hf_dir(&self, dir: &Path, max_shard_bytes: Option<u64>) -> Result<()> {
+        if self.lora_config().is_some() {
+            return Err(Error::LoraState {
+                op: "save_hf_dir",
+                reason: "the model has adapters; save them with save_lora_adapter or merge_and_unload first",
+            });
+        }
         let mut cfg = self.config().clone();
         cfg.extra.insert(
             "torch_dtype".to_string(),

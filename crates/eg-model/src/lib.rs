@@ -68,8 +68,10 @@ pub mod gguf;
 pub mod gpt2;
 pub mod hf;
 pub mod llama;
+pub mod lora;
 pub mod ops;
 pub mod params;
+pub mod quant;
 pub mod registry;
 pub mod safetensors;
 
@@ -80,7 +82,9 @@ pub use config::{LlamaConfig, ModelType, RopeScaling};
 pub use gguf::{GgufImport, import_gguf};
 pub use gpt2::{Gpt2, Gpt2Config};
 pub use llama::Llama;
+pub use lora::{LoraConfig, LoraTargets};
 pub use params::{GradCoverage, ParamStore};
+pub use quant::{QuantKind, QuantMatrix};
 
 use std::path::PathBuf;
 
@@ -265,6 +269,23 @@ pub enum Error {
     /// Serialising JSON failed.
     #[error("cannot serialise JSON: {0}")]
     Json(#[source] serde_json::Error),
+    /// A LoRA target name matches no linear layer of the model.
+    #[error("LoRA target {target:?} matches no linear layer; available: {available:?}")]
+    LoraTargetNotFound {
+        /// The target given.
+        target: String,
+        /// The linear layer names of the architecture.
+        available: Vec<String>,
+    },
+    /// An operation does not fit the model's adapter state (no adapters, already merged,
+    /// a quantized base, ...).
+    #[error("{op}: {reason}")]
+    LoraState {
+        /// The operation.
+        op: &'static str,
+        /// Why it cannot run.
+        reason: &'static str,
+    },
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::config::LlamaConfig;
+use crate::lora::{LoraState, Proj};
 use crate::ops::{self, RopeLayout};
 use crate::params::{Init, ParamStore, init_tensor};
 use crate::{Error, Result};
@@ -39,16 +40,16 @@ impl Linear {
 }
 
 #[derive(Debug, Clone)]
-struct Layer {
-    input_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    post_norm: Tensor,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+pub(crate) struct Layer {
+    pub(crate) input_norm: Tensor,
+    pub(crate) q: Proj,
+    pub(crate) k: Proj,
+    pub(crate) v: Proj,
+    pub(crate) o: Proj,
+    pub(crate) post_norm: Tensor,
+    pub(crate) gate: Proj,
+    pub(crate) up: Proj,
+    pub(crate) down: Proj,
 }
 
 /// A trainable Llama-family causal language model.
@@ -58,14 +59,16 @@ struct Layer {
 /// ops with backward ([`crate::ops`]), so one `loss.backward()` reaches every parameter.
 #[derive(Debug, Clone)]
 pub struct Llama {
-    cfg: LlamaConfig,
-    params: ParamStore,
-    embed: Tensor,
-    layers: Vec<Layer>,
-    norm: Tensor,
-    lm_head: Tensor,
+    pub(crate) cfg: LlamaConfig,
+    pub(crate) params: ParamStore,
+    pub(crate) embed: Tensor,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) norm: Tensor,
+    pub(crate) lm_head: Proj,
     cos: Tensor,
     sin: Tensor,
+    /// Adapters and frozen base ([`crate::lora`]); `None` for a fully trainable model.
+    pub(crate) lora: Option<Box<LoraState>>,
 }
 
 /// The tensors a configuration needs: name, shape and initialisation.
@@ -163,11 +166,11 @@ impl Llama {
                 })
         };
         let opt = |name: &str| params.get(name).map(|v| v.as_tensor().clone());
-        let linear = |p: &str| -> Result<Linear> {
-            Ok(Linear {
+        let linear = |p: &str| -> Result<Proj> {
+            Ok(Proj::Train(Linear {
                 weight: get(&format!("{p}.weight"))?,
                 bias: opt(&format!("{p}.bias")),
-            })
+            }))
         };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
@@ -196,11 +199,15 @@ impl Llama {
             norm: get("model.norm.weight")?,
             embed,
             layers,
-            lm_head,
+            lm_head: Proj::Train(Linear {
+                weight: lm_head,
+                bias: None,
+            }),
             cos,
             sin,
             params,
             cfg,
+            lora: None,
         })
     }
 
@@ -244,6 +251,9 @@ impl Llama {
                 max: self.cfg.max_position_embeddings,
             });
         }
+        if let Some(l) = &self.lora {
+            l.begin_forward();
+        }
         let h = self.cfg.hidden_size;
         let flat = crate::params::checked_ids(ids, self.cfg.vocab_size)?;
         let mut x = self.embed.index_select(&flat, 0)?.reshape((b, t, h))?;
@@ -269,11 +279,7 @@ impl Llama {
             x = self.layer_forward(layer, &x, &cos, &sin)?;
         }
         let x = ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
-        let head = Linear {
-            weight: self.lm_head.clone(),
-            bias: None,
-        };
-        head.forward(&x)
+        self.lm_head.forward(&x)
     }
 
     fn layer_forward(&self, l: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {

@@ -250,8 +250,13 @@ impl CustomOp2 for RmsNormOp {
         let grad = grad.contiguous()?;
         let both = x.apply_op3_no_bwd(w, &grad, &RmsNormBwd { eps: self.eps })?;
         let dx = both.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dw = both.narrow(0, n, d)?;
-        Ok((Some(dx), Some(dw)))
+        // A frozen weight (not tracked: LoRA/QLoRA bases) gets no gradient storage.
+        let dw = if w.track_op() {
+            Some(both.narrow(0, n, d)?)
+        } else {
+            None
+        };
+        Ok((Some(dx), dw))
     }
 }
 

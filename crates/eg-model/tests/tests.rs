@@ -11,12 +11,16 @@ mod gguf;
 mod gpt2;
 #[path = "it/hf.rs"]
 mod hf;
+#[path = "it/lora.rs"]
+mod lora;
 #[path = "it/model.rs"]
 mod model;
 #[path = "it/ops.rs"]
 mod ops;
 #[path = "it/parity.rs"]
 mod parity;
+#[path = "it/qlora.rs"]
+mod qlora;
 #[path = "it/real_assets.rs"]
 mod real_assets;
 #[path = "it/registry.rs"]

@@ -6,11 +6,11 @@ use eg_model::ops::{self, RopeLayout};
 
 use crate::common::{max_abs_diff, rand_t, rand_vec};
 
-type Op<'a> = dyn Fn(&[Tensor]) -> Tensor + 'a;
+pub(crate) type Op<'a> = dyn Fn(&[Tensor]) -> Tensor + 'a;
 
 /// Checks d(sum(f(inputs) * r))/d(inputs[i]) for every `i` in `diff` against central
 /// differences, element by element.
-fn fd_check(f: &Op<'_>, inputs: &[Tensor], diff: &[usize]) {
+pub(crate) fn fd_check(f: &Op<'_>, inputs: &[Tensor], diff: &[usize]) {
     let vars: Vec<Var> = inputs
         .iter()
         .map(|t| Var::from_tensor(t).unwrap())
