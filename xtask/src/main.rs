@@ -47,6 +47,8 @@ Tasks:
 
   bench [FILTER]
       Run the criterion benchmarks: cargo bench -p eg-benches [-- FILTER].
+  bench memory
+      Predicted vs measured peak memory over a grid of eg train runs (docs/memory.md).
 
   help
       Show this text.
@@ -92,9 +94,40 @@ fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
 }
 
+/// `cargo xtask bench memory`: predicted (`eg plan`) vs measured (peak RSS of `eg train`) memory
+/// over the grid of `crates/eg-memory/bench/peak_rss.sh`; prints the Markdown table that
+/// `docs/memory.md` records.
+fn bench_memory() -> Result<()> {
+    let root = project_root();
+    let status = std::process::Command::new(cargo())
+        .current_dir(&root)
+        .args(["build", "--release", "-p", "eg-cli"])
+        .status()
+        .context("cannot run cargo build")?;
+    if !status.success() {
+        bail!("cargo build --release -p eg-cli failed ({status})");
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map_or_else(|_| root.join("target"), std::path::PathBuf::from);
+    let eg = target.join("release").join("eg");
+    let status = std::process::Command::new("bash")
+        .current_dir(&root)
+        .arg("crates/eg-memory/bench/peak_rss.sh")
+        .arg(&eg)
+        .status()
+        .context("cannot run crates/eg-memory/bench/peak_rss.sh")?;
+    if !status.success() {
+        bail!("the memory benchmark failed ({status})");
+    }
+    Ok(())
+}
+
 fn bench(args: &[String]) -> Result<()> {
     if args.len() > 1 || args.first().is_some_and(|a| a.starts_with('-')) {
         bail!("usage: cargo xtask bench [FILTER]");
+    }
+    if args.first().map(String::as_str) == Some("memory") {
+        return bench_memory();
     }
     let mut cmd = std::process::Command::new(cargo());
     cmd.current_dir(project_root())
