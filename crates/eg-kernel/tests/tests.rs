@@ -7,6 +7,7 @@ mod tests {
     pub(crate) mod common;
     mod guards;
     mod loop_;
+    mod lora;
     mod optim;
     mod resume;
 }
