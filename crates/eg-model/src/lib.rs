@@ -60,6 +60,7 @@
 //! ```
 
 pub mod analysis;
+pub mod attention;
 pub mod bert;
 pub mod builtin;
 pub mod causal_lm;

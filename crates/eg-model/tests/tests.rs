@@ -1,6 +1,8 @@
 //! Integration tests of eg-model (one binary; one module per area).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
+#[path = "it/attention.rs"]
+mod attention;
 #[path = "it/bert.rs"]
 mod bert;
 #[path = "it/common.rs"]
