@@ -134,6 +134,45 @@ pub fn reference_attention(
     Ok(p.matmul(&v)?)
 }
 
+/// Which attention implementation a model runs (`model.attention`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttentionKind {
+    /// [`reference_attention`]'s formulation (fused causal softmax over materialised scores).
+    Reference,
+    /// [`chunked_attention`].
+    Chunked,
+    /// Chunked from [`AUTO_CHUNKED_FROM`] positions on, reference below (faster for short
+    /// rows, where the scores are small).
+    #[default]
+    Auto,
+}
+
+/// Sequence length from which [`AttentionKind::Auto`] picks the chunked kernel.
+pub const AUTO_CHUNKED_FROM: usize = 1024;
+
+impl AttentionKind {
+    /// From the configuration's `model.attention`.
+    pub fn from_config(a: eg_config::wire::Attention) -> Self {
+        use eg_config::wire::Attention as A;
+        match a {
+            A::Reference => AttentionKind::Reference,
+            A::Chunked => AttentionKind::Chunked,
+            _ => AttentionKind::Auto,
+        }
+    }
+
+    /// Whether a row of `seq` positions runs chunked. A sliding window (Mistral) always runs
+    /// the reference, which supports it.
+    pub fn use_chunked(self, seq: usize, window: Option<usize>) -> bool {
+        window.is_none()
+            && match self {
+                AttentionKind::Reference => false,
+                AttentionKind::Chunked => true,
+                AttentionKind::Auto => seq >= AUTO_CHUNKED_FROM,
+            }
+    }
+}
+
 /// Keys per block of the online softmax.
 pub const DEFAULT_BLOCK: usize = 64;
 

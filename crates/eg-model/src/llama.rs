@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 
+use crate::attention::{AttentionKind, AttentionMask, chunked_attention};
 use crate::config::LlamaConfig;
 use crate::lora::{LoraState, Proj};
 use crate::ops::{self, RopeLayout};
@@ -69,6 +70,7 @@ pub struct Llama {
     sin: Tensor,
     /// Adapters and frozen base ([`crate::lora`]); `None` for a fully trainable model.
     pub(crate) lora: Option<Box<LoraState>>,
+    attention: AttentionKind,
 }
 
 /// The tensors a configuration needs: name, shape and initialisation.
@@ -208,12 +210,23 @@ impl Llama {
             params,
             cfg,
             lora: None,
+            attention: AttentionKind::default(),
         })
     }
 
     /// The configuration.
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
+    }
+
+    /// Chooses the attention implementation (default [`AttentionKind::Auto`]).
+    pub fn set_attention(&mut self, kind: AttentionKind) {
+        self.attention = kind;
+    }
+
+    /// The attention implementation.
+    pub fn attention(&self) -> AttentionKind {
+        self.attention
     }
 
     /// The trainable parameters.
@@ -299,17 +312,18 @@ impl Llama {
         let v = heads(l.v.forward(&hs)?, nkv)?;
         let q = ops::rope(&q, cos, sin, RopeLayout::HalfSplit)?;
         let k = ops::rope(&k, cos, sin, RopeLayout::HalfSplit)?;
-        // Grouped-query attention without copying K/V: the `rep` query heads that share a
-        // key/value head are stacked along the rows, [b, nkv, rep * t, hd].
-        let q = q.reshape((b, nkv, rep * t, hd))?;
-        let scores = q.matmul(&k.t()?)?;
-        let probs =
-            ops::causal_softmax(&scores, 1.0 / (hd as f64).sqrt(), t, cfg.attention_window())?;
-        let attn = probs
-            .matmul(&v)?
-            .reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let attn = if self.attention.use_chunked(t, cfg.attention_window()) {
+            chunked_attention(&q, &k, &v, &AttentionMask::causal(), scale)?
+        } else {
+            // Grouped-query attention without copying K/V: the `rep` query heads that share
+            // a key/value head are stacked along the rows, [b, nkv, rep * t, hd].
+            let q = q.reshape((b, nkv, rep * t, hd))?;
+            let scores = q.matmul(&k.t()?)?;
+            let probs = ops::causal_softmax(&scores, scale, t, cfg.attention_window())?;
+            probs.matmul(&v)?.reshape((b, nh, t, hd))?
+        };
+        let attn = attn.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         let x = (x + l.o.forward(&attn)?)?;
 
         let hs = ops::rms_norm(&x, &l.post_norm, cfg.rms_norm_eps)?;

@@ -147,6 +147,17 @@ impl LoraConfig {
         self
     }
 
+    /// From the validated `[model.lora]` section.
+    pub fn from_config(c: &eg_config::LoraConfig) -> Self {
+        Self {
+            rank: c.rank.get() as usize,
+            alpha: c.alpha,
+            dropout: c.dropout.get(),
+            targets: LoraTargets::from_names(c.targets.iter().cloned()),
+            use_rslora: c.rslora,
+        }
+    }
+
     /// The factor `s` the update `B A x` is multiplied by.
     pub fn scaling(&self) -> f64 {
         if self.use_rslora {

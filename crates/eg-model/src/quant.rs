@@ -60,6 +60,19 @@ pub enum QuantKind {
     },
 }
 
+impl QuantKind {
+    /// From `model.quantization`: `nf4` is NF4 with double quantization (the QLoRA paper's
+    /// setting), `int8` is per-row INT8, `none` is `None`.
+    pub fn from_config(q: eg_config::wire::BaseQuant) -> Option<Self> {
+        use eg_config::wire::BaseQuant as B;
+        match q {
+            B::Nf4 => Some(QuantKind::Nf4 { double_quant: true }),
+            B::Int8 => Some(QuantKind::Int8 { block: None }),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Scales {
     F32(Vec<f32>),

@@ -100,3 +100,42 @@ fn chunked_attention_backward_matches_finite_differences() {
         );
     }
 }
+
+#[test]
+fn llama_with_chunked_attention_matches_reference() {
+    use candle_core::Device;
+    use eg_model::attention::AttentionKind;
+    use eg_model::{Llama, LlamaConfig, LoraConfig};
+    let cfg = LlamaConfig::tiny_for_tests();
+    let base = Llama::init(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
+    let ids = crate::model::batch(&cfg, 2, 11, 4);
+    let run = |kind| {
+        let mut m = base
+            .clone()
+            .with_lora(&LoraConfig::rank(2).targets(["all-linear"]), 1)
+            .unwrap();
+        m.set_attention(kind);
+        for (i, (_, v)) in m.params().iter().enumerate() {
+            v.set(&(rand_t(i as u64, v.dims(), DType::F32) * 0.1).unwrap())
+                .unwrap();
+        }
+        let logits = m.forward(&ids).unwrap();
+        let loss = m.next_token_loss(&logits, &ids, None).unwrap();
+        let g = loss.backward().unwrap();
+        let grads: Vec<Tensor> = m
+            .params()
+            .iter()
+            .map(|(_, v)| g.get(v.as_tensor()).unwrap().clone())
+            .collect();
+        (logits, grads)
+    };
+    let (l0, g0) = run(AttentionKind::Reference);
+    let (l1, g1) = run(AttentionKind::Chunked);
+    assert!(max_abs_diff(&l0, &l1) < 1e-5);
+    for (a, b) in g0.iter().zip(&g1) {
+        assert!(max_abs_diff(a, b) < 1e-5);
+    }
+    assert!(AttentionKind::Auto.use_chunked(4096, None));
+    assert!(!AttentionKind::Auto.use_chunked(128, None));
+    assert!(!AttentionKind::Chunked.use_chunked(4096, Some(256)));
+}
