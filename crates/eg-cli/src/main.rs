@@ -6,6 +6,7 @@
 mod config_cmd;
 mod exit;
 mod hw;
+mod model_cmd;
 mod plan;
 mod train;
 
@@ -37,6 +38,9 @@ enum Command {
     Config(config_cmd::ConfigCommand),
     /// Report this machine's hardware (CPU, memory, GPUs, storage, thermal, power).
     Hw(hw::HwArgs),
+    /// Inspect models and manage the local model registry.
+    #[command(subcommand)]
+    Model(model_cmd::ModelCommand),
     /// Show which memory strategies fit (micro-batch, checkpointing, offload) before a run.
     Plan(plan::PlanArgs),
     /// Train a model (with no arguments: a small Llama on a generated corpus, offline).
@@ -72,6 +76,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Config(cmd) => config_cmd::run(cmd),
         Command::Hw(args) => hw::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Model(cmd) => model_cmd::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Plan(args) => plan::run(args),
         Command::Train(args) => train(args),
     };

@@ -14,8 +14,6 @@ use elastic_guardian::hardware as hw;
 use elastic_guardian::memory::{self as mem, BlockProfile, ModelProfile};
 use elastic_guardian::model::{self, LlamaConfig};
 
-use crate::exit;
-
 /// Arguments of `eg plan`.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct PlanArgs {
@@ -159,16 +157,14 @@ fn model_config(cfg: &Config, vocab: Option<usize>) -> anyhow::Result<(LlamaConf
             let lc = model::builtin::config(name, vocab, seq.max(16))?;
             Ok((lc, format!("builtin:{name}")))
         }
-        ModelSource::Dir(dir) => {
+        _ => {
+            let dir =
+                crate::model_cmd::model_dir(cfg)?.context("model.source names no directory")?;
             let file = dir.join("config.json");
             let lc = LlamaConfig::from_file(&file)
                 .with_context(|| format!("reading the model configuration {}", file.display()))?;
             Ok((lc, dir.display().to_string()))
         }
-        _ => Err(exit::Unsupported {
-            what: "registry model sources in `eg plan`",
-        }
-        .into()),
     }
 }
 
@@ -305,6 +301,7 @@ pub(crate) fn run(args: PlanArgs) -> anyhow::Result<std::process::ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exit;
 
     /// A cgroup v2 container limited to `limit` bytes.
     fn container(dir: &std::path::Path, limit: u64) {

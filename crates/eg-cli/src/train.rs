@@ -92,10 +92,9 @@ fn load_files(cfg: &Config) -> anyhow::Result<Data> {
         quarantine: Some(cfg.run.dir.join("data-quarantine.jsonl")),
         ..data::StreamOptions::default()
     };
-    let tok_path = match (&cfg.data.tokenizer, &cfg.model.source) {
-        (Some(p), _) => Some(p.clone()),
-        (None, ModelSource::Dir(d)) => Some(d.join("tokenizer.json")),
-        _ => None,
+    let tok_path = match &cfg.data.tokenizer {
+        Some(p) => Some(p.clone()),
+        None => crate::model_cmd::model_dir(cfg)?.map(|d| d.join("tokenizer.json")),
     };
     let tokenizer = match tok_path {
         Some(p) => data::TextTokenizer::from_file(&p)?,
@@ -194,8 +193,10 @@ fn load_model(cfg: &Config, vocab: usize) -> anyhow::Result<(Llama, String)> {
             let m = Llama::init(&lc, cfg.run.seed, DType::F32, &Device::Cpu)?;
             Ok((m, format!("builtin:{name}")))
         }
-        ModelSource::Dir(dir) => {
-            let m = Llama::from_hf_dir(dir, DType::F32, &Device::Cpu)
+        _ => {
+            let dir =
+                crate::model_cmd::model_dir(cfg)?.context("model.source names no directory")?;
+            let m = Llama::from_hf_dir(&dir, DType::F32, &Device::Cpu)
                 .with_context(|| format!("loading {}", dir.display()))?;
             if m.config().vocab_size < vocab {
                 anyhow::bail!(
@@ -205,10 +206,6 @@ fn load_model(cfg: &Config, vocab: usize) -> anyhow::Result<(Llama, String)> {
             }
             Ok((m, dir.display().to_string()))
         }
-        _ => Err(exit::Unsupported {
-            what: "registry model sources in `eg train`",
-        }
-        .into()),
     }
 }
 

@@ -154,3 +154,65 @@ fn config_reference_doc_is_current() {
         "docs/config.md is stale: run `cargo run -p eg-cli -- config reference > docs/config.md`"
     );
 }
+
+/// `eg model inspect` reports the real tensors' counts; `add`/`list`/`show` manage the
+/// registry and `inspect name@version` resolves through it (issue 4).
+#[test]
+fn model_inspect_and_registry() {
+    use elastic_guardian::model::{Llama, LlamaConfig};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tiny");
+    let cfg = LlamaConfig::tiny_for_tests();
+    let m = Llama::init(&cfg, 3, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    m.save_hf_dir(&dir, None).unwrap();
+    let real: usize = m.params().num_elements();
+
+    let out = eg(&[
+        "model",
+        "inspect",
+        "--json",
+        "--seq-len",
+        "16",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["params"].as_u64(), Some(real as u64));
+    assert_eq!(v["bytes_by_dtype"]["f32"].as_u64(), Some(real as u64 * 4));
+    assert_eq!(v["analysis"]["params"].as_u64(), Some(real as u64));
+
+    let reg = tmp.path().join("registry");
+    let r = reg.to_str().unwrap();
+    let out = eg(&[
+        "model",
+        "add",
+        "tiny@0.1",
+        dir.to_str().unwrap(),
+        "--registry",
+        r,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = eg(&["model", "list", "--registry", r]);
+    assert!(
+        text(&out.stdout).starts_with("tiny@0.1"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = eg(&["model", "show", "tiny@0.1", "--registry", r]);
+    let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        e["files"]["model.safetensors"]["sha256"]
+            .as_str()
+            .map(str::len),
+        Some(64)
+    );
+    let out = eg(&["model", "inspect", "tiny@0.1", "--registry", r]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains(&format!("parameters: {real}")),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = eg(&["model", "show", "nothing@1", "--registry", r]);
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+}

@@ -19,3 +19,21 @@ pub fn backtrace_enabled() -> bool {
 pub fn no_color() -> bool {
     std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty())
 }
+
+/// Where Elastic-Guardian keeps per-user data (the model registry): `EG_HOME`, else
+/// `$XDG_DATA_HOME/elastic-guardian`, else `$HOME/.local/share/elastic-guardian`.
+pub fn data_home() -> Option<std::path::PathBuf> {
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from)
+    };
+    var("EG_HOME")
+        .or_else(|| var("XDG_DATA_HOME").map(|d| d.join("elastic-guardian")))
+        .or_else(|| var("HOME").map(|h| h.join(".local/share/elastic-guardian")))
+}
+
+/// The default model registry directory: `<data_home>/registry`.
+pub fn default_registry_dir() -> Option<std::path::PathBuf> {
+    data_home().map(|d| d.join("registry"))
+}

@@ -150,6 +150,9 @@ pub struct ModelConfig {
     pub quantization: BaseQuant,
     /// Attention implementation.
     pub attention: Attention,
+    /// Registry directory for `name@version` sources (`None`: the per-user default, see
+    /// [`crate::env::default_registry_dir`]).
+    pub registry: Option<PathBuf>,
 }
 
 /// The optimizer and its hyper-parameters, validated.
@@ -735,12 +738,14 @@ pub(crate) fn validate(w: WireConfig, r: &Resolved) -> Result<Config, Error> {
             "a quantized base is frozen, so there is nothing to train without LoRA adapters; add [model.lora] or set quantization = \"none\"",
         );
     }
+    let registry = mw.registry.as_ref().map(|p| c.path("model.registry", p));
     let model = ModelConfig {
         source,
         dtype: mw.dtype,
         lora,
         quantization: mw.quantization,
         attention: mw.attention,
+        registry,
     };
 
     // train

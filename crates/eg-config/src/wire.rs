@@ -433,6 +433,14 @@ pub struct ModelWire {
     pub quantization: BaseQuant,
     /// Attention implementation.
     pub attention: Attention,
+    /// Registry directory for `name@version` sources; unset means `$EG_HOME/registry`
+    /// (`~/.local/share/elastic-guardian/registry`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        test,
+        proptest(strategy = "proptest::option::of(crate::wire::arb::text())")
+    )]
+    pub registry: Option<String>,
 }
 
 impl Default for ModelWire {
@@ -443,6 +451,7 @@ impl Default for ModelWire {
             lora: None,
             quantization: BaseQuant::None,
             attention: Attention::Auto,
+            registry: None,
         }
     }
 }
