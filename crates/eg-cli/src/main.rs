@@ -4,6 +4,7 @@
 //! command and maps errors to the documented exit codes (see [`exit`]).
 
 mod config_cmd;
+mod data_cmd;
 mod exit;
 mod hw;
 mod model_cmd;
@@ -36,6 +37,9 @@ enum Command {
     /// Check, show and describe configuration files.
     #[command(subcommand)]
     Config(config_cmd::ConfigCommand),
+    /// Train tokenizers and prepare token shards.
+    #[command(subcommand)]
+    Data(data_cmd::DataCommand),
     /// Report this machine's hardware (CPU, memory, GPUs, storage, thermal, power).
     Hw(hw::HwArgs),
     /// Inspect models and manage the local model registry.
@@ -75,6 +79,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Config(cmd) => config_cmd::run(cmd),
+        Command::Data(cmd) => data_cmd::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Hw(args) => hw::run(args).map(|()| ExitCode::SUCCESS),
         Command::Model(cmd) => model_cmd::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Plan(args) => plan::run(args),

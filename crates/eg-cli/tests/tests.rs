@@ -216,3 +216,58 @@ fn model_inspect_and_registry() {
     let out = eg(&["model", "show", "nothing@1", "--registry", r]);
     assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
 }
+
+/// `eg data train-tokenizer` then `eg data prepare` twice: the second run reuses the cache
+/// (issue 5).
+#[test]
+fn data_train_tokenizer_and_prepare() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus.txt");
+    let body: String = (0..400)
+        .map(|i| format!("the quick brown fox {i} jumps over the lazy dog.\n\n"))
+        .collect();
+    std::fs::write(&corpus, body).unwrap();
+    let tok = tmp.path().join("tokenizer.json");
+    let out = eg(&[
+        "data",
+        "train-tokenizer",
+        "--vocab",
+        "300",
+        "--out",
+        tok.to_str().unwrap(),
+        corpus.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(tok.exists());
+    let cache = tmp.path().join("cache");
+    let args = [
+        "data",
+        "prepare",
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        corpus.to_str().unwrap(),
+    ];
+    let first = eg(&args);
+    assert_eq!(first.status.code(), Some(0), "{}", text(&first.stderr));
+    assert!(
+        text(&first.stdout).starts_with("prepared 400 samples"),
+        "{}",
+        text(&first.stdout)
+    );
+    let second = eg(&args);
+    assert!(
+        text(&second.stdout).starts_with("reused 400 samples"),
+        "{}",
+        text(&second.stdout)
+    );
+    let missing = eg(&[
+        "data",
+        "prepare",
+        "--tokenizer",
+        "/nonexistent/tokenizer.json",
+        corpus.to_str().unwrap(),
+    ]);
+    assert_eq!(missing.status.code(), Some(4), "{}", text(&missing.stderr));
+}
