@@ -131,6 +131,25 @@ pub enum Error {
         /// The token text looked up.
         token: String,
     },
+    /// A tokenizer stored in GGUF metadata is of a kind this crate cannot build (a
+    /// SentencePiece `llama` vocabulary, or a byte-level BPE whose pre-tokenizer is unknown).
+    #[error(
+        "unsupported GGUF tokenizer: tokenizer.ggml.model = {model:?}, tokenizer.ggml.pre = {pre:?} (supported: model \"gpt2\" with pre absent, \"default\", \"gpt2\", \"smollm\", \"starcoder\", \"refact\", \"codeshell\")"
+    )]
+    UnsupportedTokenizer {
+        /// The `tokenizer.ggml.model` value.
+        model: String,
+        /// The `tokenizer.ggml.pre` value, when present.
+        pre: Option<String>,
+    },
+    /// A GGUF tokenizer metadata key is missing or has the wrong type or content.
+    #[error("GGUF tokenizer metadata {key}: {reason}")]
+    GgufMetadata {
+        /// The metadata key, e.g. `tokenizer.ggml.merges`.
+        key: &'static str,
+        /// What is wrong (with the index of the bad entry, when it is an array).
+        reason: String,
+    },
     /// The background prefetch thread stopped.
     #[error("prefetch thread stopped: {reason}")]
     PrefetchStopped {

@@ -26,6 +26,10 @@
 //! ranks resumes with 2 or 8 and sees every sample of the epoch exactly once, and the
 //! concatenation of the ranks' batches is the same global batch as before.
 //!
+//! Tokenizers come from a `tokenizer.json`, from BPE training on a corpus, or from the
+//! vocabulary a GGUF file carries in its metadata
+//! ([`TextTokenizer::from_gguf_metadata`], byte-level BPE with llama.cpp's pre-tokenizers).
+//!
 //! Around the loader: [`Prefetcher`] runs it on a background thread behind a bounded queue
 //! (its cursor is the one after the last batch *consumed*); [`Mixture`] mixes datasets by
 //! weight into one id space; [`augment`] holds seeded, length-preserving transforms applied
@@ -76,6 +80,7 @@ pub mod augment;
 mod dataset;
 pub mod embedded;
 mod error;
+mod gguf_vocab;
 mod glob;
 mod loader;
 mod mix;

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{bert as ref_bert, llama as ref_llama};
+use eg_data::TextTokenizer;
 use eg_model::{Bert, BertHead, import_gguf};
 
 use crate::common::max_abs_diff;
@@ -58,20 +59,29 @@ fn real_assets_smollm2_gguf_matches_candle_transformers_and_knows_paris() {
         analysis.activation_bytes_per_token as f64 / 1024.0
     );
 
-    // Token ids of the prompt, looked up in the GGUF vocabulary (byte-level BPE: `Ġ` is a
-    // leading space; each of these words is a single token in this vocabulary).
-    let tokens: Vec<String> = import.tokenizer_metadata["tokenizer.ggml.tokens"]
+    // The tokenizer built from the GGUF metadata (byte-level BPE, SmolLM's digit-splitting
+    // pre-tokenizer, control tokens kept whole).
+    let meta = serde_json::Value::Object(import.tokenizer_metadata.clone().into_iter().collect());
+    let tokenizer = TextTokenizer::from_gguf_metadata(&meta).unwrap();
+    assert_eq!(tokenizer.vocab_size(), 49152);
+    let prompt = "The capital of France is";
+    let mut ids = tokenizer.encode(prompt).unwrap();
+    assert_eq!(tokenizer.decode(&ids).unwrap(), prompt);
+
+    // The same ids looked up by hand in the GGUF vocabulary (`Ġ` is a leading space; each of
+    // these words is a single token in this vocabulary).
+    let tokens: Vec<&str> = meta["tokenizer.ggml.tokens"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|t| t.as_str().unwrap().to_string())
+        .map(|t| t.as_str().unwrap())
         .collect();
     let index: HashMap<&str, u32> = tokens
         .iter()
         .enumerate()
-        .map(|(i, t)| (t.as_str(), i as u32))
+        .map(|(i, t)| (*t, i as u32))
         .collect();
-    let mut ids: Vec<u32> = ["The", "Ġcapital", "Ġof", "ĠFrance", "Ġis"]
+    let by_hand: Vec<u32> = ["The", "Ġcapital", "Ġof", "ĠFrance", "Ġis"]
         .iter()
         .map(|w| {
             *index
@@ -79,6 +89,26 @@ fn real_assets_smollm2_gguf_matches_candle_transformers_and_knows_paris() {
                 .unwrap_or_else(|| panic!("{w} not a single token"))
         })
         .collect();
+    assert_eq!(ids, by_hand);
+    // Control tokens stay whole; digits are split one by one as SmolLM2's tokenizer does.
+    assert_eq!(
+        tokenizer.encode("<|im_start|>user").unwrap(),
+        vec![index["<|im_start|>"], index["user"]]
+    );
+    assert_eq!(tokenizer.encode("1603").unwrap().len(), 4);
+    // Any text round-trips exactly, e.g. a paragraph of Shakespeare.
+    let play = std::fs::read_to_string(asset("shakespeare/hamlet.md")).unwrap();
+    let paragraph = play
+        .split("\n\n")
+        .find(|p| p.len() > 300)
+        .expect("a paragraph of Hamlet");
+    let encoded = tokenizer.encode(paragraph).unwrap();
+    assert!(
+        encoded.len() < paragraph.len() / 2,
+        "{} tokens",
+        encoded.len()
+    );
+    assert_eq!(tokenizer.decode(&encoded).unwrap(), paragraph);
 
     // Parity with candle-transformers' (non-quantized) llama on the same dequantized weights.
     let json = cfg.to_json_string().unwrap();
@@ -101,20 +131,20 @@ fn real_assets_smollm2_gguf_matches_candle_transformers_and_knows_paris() {
     println!("SmolLM2 last-position logits: max |ours - candle-transformers| = {d:e}");
     assert!(d < 1e-4, "max |diff| = {d}");
 
-    // Greedy continuation (no KV cache: the whole sequence is recomputed each step).
-    let mut text = String::new();
-    for _ in 0..4 {
+    // Greedy continuation (no KV cache: the whole sequence is recomputed each step),
+    // decoded with the GGUF tokenizer.
+    let prompt_len = ids.len();
+    for _ in 0..6 {
         let x = Tensor::new(ids.as_slice(), &Device::Cpu)
             .unwrap()
             .unsqueeze(0)
             .unwrap();
         let logits = model.forward(&x).unwrap();
         let last = logits.i((0, ids.len() - 1)).unwrap();
-        let next = last.argmax(0).unwrap().to_scalar::<u32>().unwrap();
-        text.push_str(&tokens[next as usize].replace('Ġ', " ").replace('Ċ', "\n"));
-        ids.push(next);
+        ids.push(last.argmax(0).unwrap().to_scalar::<u32>().unwrap());
     }
-    println!("The capital of France is{text}");
+    let text = tokenizer.decode(&ids[prompt_len..]).unwrap();
+    println!("{}", tokenizer.decode(&ids).unwrap());
     assert!(text.contains("Paris"), "continuation: {text:?}");
 }
 
