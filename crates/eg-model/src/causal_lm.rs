@@ -82,6 +82,27 @@ impl CausalLm {
         crate::ops::cross_entropy(logits, &targets)
     }
 
+    /// Freezes the model and adds LoRA adapters ([`Llama::with_lora`]); with `quant`, the
+    /// frozen linear layers are quantized too (QLoRA, [`Llama::with_qlora`]). GPT-2 is not
+    /// supported yet ([`Error::Unsupported`]).
+    pub fn with_lora(
+        self,
+        cfg: &crate::lora::LoraConfig,
+        quant: Option<crate::quant::QuantKind>,
+        seed: u64,
+    ) -> Result<Self> {
+        match self {
+            CausalLm::Llama(m) => Ok(CausalLm::Llama(match quant {
+                None => m.with_lora(cfg, seed)?,
+                Some(q) => m.with_qlora(cfg, q, seed)?,
+            })),
+            CausalLm::Gpt2(_) => Err(Error::Unsupported {
+                what: "LoRA on GPT-2",
+                issue: 7,
+            }),
+        }
+    }
+
     /// The trainable parameters.
     pub fn params(&self) -> &ParamStore {
         match self {

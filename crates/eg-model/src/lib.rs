@@ -28,6 +28,16 @@
 //!   the hf-hub cache layout offline; imports llama GGUF files ([`gguf`]), dequantized and
 //!   with llama.cpp's Q/K row permutation undone;
 //! - keeps a local registry of named, versioned, checksummed model copies ([`registry`]);
+//! - fine-tunes with LoRA ([`lora`], [`Llama::with_lora`]): the base is frozen without
+//!   gradient storage (a custom frozen-linear op whose only graph input is the activation),
+//!   `params()` then holds only the adapters so any loop over it trains them alone; merge,
+//!   unmerge, `merge_and_unload`, and the PEFT adapter layout (`adapter_model.safetensors`
+//!   and `adapter_config.json`); QLoRA ([`Llama::with_qlora`]) keeps the frozen linears in NF4
+//!   (block 64, optional double quantization) or INT8 ([`quant`]), dequantized in row tiles
+//!   in the forward and again in the backward, which gives the input its gradient;
+//! - runs attention either as the reference or chunked ([`attention`]): a CPU
+//!   flash-attention with online softmax and a recomputing backward, for causal, padding
+//!   and packed-document masks (memory linear in the sequence length);
 //! - analyses a configuration ([`analysis`]): parameters, bytes, FLOPs and activation bytes
 //!   per token for each module, for the memory planner.
 //!

@@ -11,7 +11,7 @@
 //! gradient for both operands of a `matmul` even when one of them is not a variable, so a
 //! plain `x.matmul(w.t())` with a detached `w` would still allocate a weight-sized gradient
 //! for every frozen layer. Frozen linear layers therefore run as one custom op
-//! ([`FrozenLinearOp`]) whose only graph input is `x`: the weight (dense, or quantized for
+//! (`FrozenLinearOp`, exposed as [`dense_frozen_linear`] and [`quantized_linear`]) whose only graph input is `x`: the weight (dense, or quantized for
 //! QLoRA, [`crate::quant`]) and the bias are captured in the op, and its backward returns
 //! `dx = dy · W` and nothing else. The same op is the QLoRA path: the forward dequantizes row
 //! tiles of the NF4/INT8 matrix on the fly, the backward dequantizes them again (candle's
