@@ -1,7 +1,7 @@
 //! `eg plan`: what fits in memory, before anything runs.
 //!
 //! Loads the configuration, detects the hardware (cgroup aware), turns the configured model
-//! into an [`eg_memory::ModelProfile`] with eg-model's layer analysis, and asks the planner
+//! into an [`ModelProfile`] with eg-model's layer analysis, and asks the planner
 //! for every strategy (micro-batch dividing the global batch, checkpointing, offload). Prints
 //! the ones that fit with their predicted peak and relative throughput, and the choice. When
 //! nothing fits, the memory error says by how much and what would help (exit code 7).

@@ -22,7 +22,7 @@
 //! "did you mean". No input makes the loader panic: empty files, binary junk, deep nesting,
 //! huge numbers, NaN and wrong encodings are all typed errors.
 //!
-//! This is the only crate of the workspace that reads environment variables ([`env`]).
+//! This is the only crate of the workspace that reads environment variables ([`mod@env`]).
 //!
 //! ## Example
 //!

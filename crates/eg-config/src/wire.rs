@@ -2,7 +2,7 @@
 //!
 //! Stage one of two. Every struct here rejects unknown keys, has a default for every field and
 //! keeps values plain (numbers, strings, lists) so it round-trips through TOML, YAML and JSON.
-//! [`crate::validate`] turns a [`WireConfig`] into the typed [`crate::Config`].
+//! Validation turns a [`WireConfig`] into the typed [`crate::Config`].
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
