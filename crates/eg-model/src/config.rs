@@ -120,6 +120,46 @@ pub struct LlamaConfig {
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
+/// Parses `config.json` text into a JSON object whose `required` fields are present and not
+/// null; errors name the file and the missing field.
+pub(crate) fn config_object(
+    text: &str,
+    path: &Path,
+    required: &[&'static str],
+) -> Result<serde_json::Value> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|source| Error::ConfigParse {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if !value.is_object() {
+        return Err(Error::InvalidConfig {
+            field: "(root)",
+            reason: "config.json is not a JSON object".to_string(),
+        });
+    }
+    for field in required {
+        if value.get(*field).is_none_or(|v| v.is_null()) {
+            return Err(Error::ConfigMissingField {
+                path: path.to_path_buf(),
+                field,
+            });
+        }
+    }
+    Ok(value)
+}
+
+/// Deserializes a configuration object checked by [`config_object`].
+pub(crate) fn from_config_value<T: serde::de::DeserializeOwned>(
+    value: serde_json::Value,
+    path: &Path,
+) -> Result<T> {
+    serde_json::from_value(value).map_err(|source| Error::ConfigParse {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 /// Fields `config.json` must have.
 const REQUIRED: &[&str] = &[
     "model_type",
@@ -160,23 +200,11 @@ impl LlamaConfig {
 
     /// Parses `config.json` text; `path` is used in error messages only.
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
-        let mut value: serde_json::Value =
-            serde_json::from_str(text).map_err(|source| Error::ConfigParse {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        let mut value = config_object(text, path, REQUIRED)?;
         let obj = value.as_object_mut().ok_or_else(|| Error::InvalidConfig {
             field: "(root)",
             reason: "config.json is not a JSON object".to_string(),
         })?;
-        for field in REQUIRED {
-            if obj.get(*field).is_none_or(|v| v.is_null()) {
-                return Err(Error::ConfigMissingField {
-                    path: path.to_path_buf(),
-                    field,
-                });
-            }
-        }
         if let Some(mt) = obj.get("model_type") {
             let s = mt.as_str().unwrap_or_default();
             if !ModelType::SUPPORTED.contains(&s) {
@@ -193,11 +221,7 @@ impl LlamaConfig {
         {
             rs.insert("rope_type".to_string(), t);
         }
-        let cfg: LlamaConfig =
-            serde_json::from_value(value).map_err(|source| Error::ConfigParse {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        let cfg: LlamaConfig = from_config_value(value, path)?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -82,24 +82,8 @@ impl Gpt2Config {
 
     /// Parses `config.json` text; `path` is used in error messages only.
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
-        let value: serde_json::Value =
-            serde_json::from_str(text).map_err(|source| Error::ConfigParse {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        for field in REQUIRED {
-            if value.get(*field).is_none_or(|v| v.is_null()) {
-                return Err(Error::ConfigMissingField {
-                    path: path.to_path_buf(),
-                    field,
-                });
-            }
-        }
-        let cfg: Gpt2Config =
-            serde_json::from_value(value).map_err(|source| Error::ConfigParse {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        let value = crate::config::config_object(text, path, REQUIRED)?;
+        let cfg: Gpt2Config = crate::config::from_config_value(value, path)?;
         cfg.validate()?;
         Ok(cfg)
     }
