@@ -83,8 +83,8 @@ impl CausalLm {
     }
 
     /// Freezes the model and adds LoRA adapters ([`Llama::with_lora`]); with `quant`, the
-    /// frozen linear layers are quantized too (QLoRA, [`Llama::with_qlora`]). GPT-2 is not
-    /// supported yet ([`Error::Unsupported`]).
+    /// frozen linear layers are quantized too (QLoRA, [`Llama::with_qlora`]; Llama family only,
+    /// GPT-2 returns [`Error::Unsupported`]).
     pub fn with_lora(
         self,
         cfg: &crate::lora::LoraConfig,
@@ -96,10 +96,13 @@ impl CausalLm {
                 None => m.with_lora(cfg, seed)?,
                 Some(q) => m.with_qlora(cfg, q, seed)?,
             })),
-            CausalLm::Gpt2(_) => Err(Error::Unsupported {
-                what: "LoRA on GPT-2",
-                issue: 7,
-            }),
+            CausalLm::Gpt2(m) => match quant {
+                None => Ok(CausalLm::Gpt2(m.with_lora(cfg, seed)?)),
+                Some(_) => Err(Error::Unsupported {
+                    what: "QLoRA on GPT-2",
+                    issue: 7,
+                }),
+            },
         }
     }
 

@@ -17,6 +17,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::hf::{CONFIG, Weights, save_dir, torch_dtype};
+use crate::llama::Linear;
+use crate::lora::{LoraState, Proj};
 use crate::ops;
 use crate::params::{Init, ParamStore, check_tensor_names, init_tensor};
 use crate::{Error, Result};
@@ -173,49 +175,30 @@ fn expected_tensors(cfg: &Gpt2Config) -> Vec<(String, Vec<usize>, Init)> {
     out
 }
 
-/// `x @ W + b` with `W` stored `[in, out]` (Hugging Face `Conv1D`).
+/// A decoder block; the linear layers are HF `Conv1D`s (`x @ W + b`, `W` stored
+/// `[in, out]`), [`Proj::TrainInOut`] until frozen for LoRA.
 #[derive(Debug, Clone)]
-struct Conv1D {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl Conv1D {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (inn, out) = self.weight.dims2()?;
-        let rows = x.elem_count() / inn.max(1);
-        let y = x
-            .reshape((rows, inn))?
-            .matmul(&self.weight)?
-            .broadcast_add(&self.bias)?;
-        let mut shape = x.dims().to_vec();
-        if let Some(last) = shape.last_mut() {
-            *last = out;
-        }
-        Ok(y.reshape(shape)?)
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Block {
-    ln_1: (Tensor, Tensor),
-    c_attn: Conv1D,
-    attn_proj: Conv1D,
-    ln_2: (Tensor, Tensor),
-    c_fc: Conv1D,
-    mlp_proj: Conv1D,
+pub(crate) struct Block {
+    pub(crate) ln_1: (Tensor, Tensor),
+    pub(crate) c_attn: Proj,
+    pub(crate) attn_proj: Proj,
+    pub(crate) ln_2: (Tensor, Tensor),
+    pub(crate) c_fc: Proj,
+    pub(crate) mlp_proj: Proj,
 }
 
 /// A trainable GPT-2 language model.
 #[derive(Debug, Clone)]
 pub struct Gpt2 {
-    cfg: Gpt2Config,
-    params: ParamStore,
-    wte: Tensor,
-    wpe: Tensor,
-    blocks: Vec<Block>,
-    ln_f: (Tensor, Tensor),
-    lm_head: Tensor,
+    pub(crate) cfg: Gpt2Config,
+    pub(crate) params: ParamStore,
+    pub(crate) wte: Tensor,
+    pub(crate) wpe: Tensor,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) ln_f: (Tensor, Tensor),
+    pub(crate) lm_head: Proj,
+    /// Adapters ([`crate::lora`]); `None` for a fully trainable model.
+    pub(crate) lora: Option<Box<LoraState>>,
 }
 
 impl Gpt2 {
@@ -268,8 +251,8 @@ impl Gpt2 {
                     names: vec![n.to_string()],
                 })
         };
-        let conv = |p: &str| -> Result<Conv1D> {
-            Ok(Conv1D {
+        let conv = |p: &str| -> Result<Proj> {
+            Ok(Proj::TrainInOut {
                 weight: get(&format!("{p}.weight"))?,
                 bias: get(&format!("{p}.bias"))?,
             })
@@ -300,9 +283,13 @@ impl Gpt2 {
             ln_f: ln("transformer.ln_f")?,
             wte,
             blocks,
-            lm_head,
+            lm_head: Proj::Train(Linear {
+                weight: lm_head,
+                bias: None,
+            }),
             params,
             cfg: cfg.clone(),
+            lora: None,
         })
     }
 
@@ -326,7 +313,14 @@ impl Gpt2 {
     }
 
     /// Saves as a Hugging Face directory (see [`crate::Llama::save_hf_dir`]).
+    /// A model with LoRA adapters is refused ([`Error::LoraState`]).
     pub fn save_hf_dir(&self, dir: &Path, max_shard_bytes: Option<u64>) -> Result<()> {
+        if self.lora.is_some() {
+            return Err(Error::LoraState {
+                op: "save_hf_dir",
+                reason: "the model has adapters; save them with save_lora_adapter",
+            });
+        }
         let mut cfg = self.cfg.clone();
         cfg.extra.insert("model_type".to_string(), "gpt2".into());
         cfg.extra.insert(
@@ -356,6 +350,9 @@ impl Gpt2 {
                 max: self.cfg.n_positions,
             });
         }
+        if let Some(l) = &self.lora {
+            l.begin_forward();
+        }
         let e = self.cfg.n_embd;
         let flat = crate::params::checked_ids(ids, self.cfg.vocab_size)?;
         let tok = self.wte.index_select(&flat, 0)?.reshape((b, t, e))?;
@@ -384,8 +381,7 @@ impl Gpt2 {
             x = (x + blk.mlp_proj.forward(&m)?)?;
         }
         let x = ops::layer_norm(&x, &self.ln_f.0, &self.ln_f.1, eps)?;
-        let y = x.reshape((b * t, e))?.matmul(&self.lm_head.t()?)?;
-        Ok(y.reshape((b, t, self.cfg.vocab_size))?)
+        self.lm_head.forward(&x)
     }
 
     /// Mean next-token cross entropy (see [`crate::Llama::next_token_loss`]).

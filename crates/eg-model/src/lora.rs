@@ -45,6 +45,10 @@ pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 /// Prefix PEFT puts before the base model's module names.
 const PEFT_PREFIX: &str = "base_model.model.";
 
+/// The linear layers of a GPT-2 block (`attn.c_attn`, `attn.c_proj`, `mlp.c_fc`,
+/// `mlp.c_proj`).
+pub const GPT2_LINEARS: [&str; 4] = ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"];
+
 /// The linear layers of a Llama decoder layer, in the order they are visited.
 pub const LLAMA_LINEARS: [&str; 7] = [
     "q_proj",
@@ -321,6 +325,11 @@ pub(crate) struct Adapter {
 #[derive(Debug, Clone)]
 pub(crate) enum Proj {
     Train(Linear),
+    /// Trainable `x @ W + b` with `W` stored `[in, out]` (GPT-2's `Conv1D`).
+    TrainInOut {
+        weight: Tensor,
+        bias: Tensor,
+    },
     Frozen {
         weight: FrozenWeight,
         bias: Option<Tensor>,
@@ -340,6 +349,19 @@ impl Proj {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (weight, bias, adapter, merged) = match self {
             Proj::Train(l) => return l.forward(x),
+            Proj::TrainInOut { weight, bias } => {
+                let (inn, out) = weight.dims2()?;
+                let rows = x.elem_count() / inn.max(1);
+                let y = x
+                    .reshape((rows, inn))?
+                    .matmul(weight)?
+                    .broadcast_add(bias)?;
+                let mut shape = x.dims().to_vec();
+                if let Some(last) = shape.last_mut() {
+                    *last = out;
+                }
+                return Ok(y.reshape(shape)?);
+            }
             Proj::Frozen {
                 weight,
                 bias,
@@ -364,16 +386,25 @@ impl Proj {
         Ok(y.reshape(shape)?)
     }
 
-    fn freeze(&mut self) {
-        if let Proj::Train(l) = self {
-            let frozen = Proj::Frozen {
+    pub(crate) fn freeze(&mut self) -> Result<()> {
+        let frozen = match self {
+            Proj::Train(l) => Proj::Frozen {
                 weight: FrozenWeight::Dense(l.weight.detach()),
                 bias: l.bias.as_ref().map(Tensor::detach),
                 adapter: None,
                 merged: false,
-            };
-            *self = frozen;
-        }
+            },
+            // One transposed copy, so the frozen op reads `[out, in]` rows contiguously.
+            Proj::TrainInOut { weight, bias } => Proj::Frozen {
+                weight: FrozenWeight::Dense(weight.detach().t()?.contiguous()?),
+                bias: Some(bias.detach()),
+                adapter: None,
+                merged: false,
+            },
+            Proj::Frozen { .. } => return Ok(()),
+        };
+        *self = frozen;
+        Ok(())
     }
 
     /// The base weight as a dense tensor (dequantized if needed), merged update included
@@ -381,6 +412,7 @@ impl Proj {
     fn dense_weight(&self, dtype: DType) -> Result<Tensor> {
         match self {
             Proj::Train(l) => Ok(l.weight.clone()),
+            Proj::TrainInOut { weight, .. } => Ok(weight.t()?),
             Proj::Frozen {
                 weight: FrozenWeight::Dense(w),
                 ..
@@ -395,6 +427,7 @@ impl Proj {
     fn bias(&self) -> Option<&Tensor> {
         match self {
             Proj::Train(l) => l.bias.as_ref(),
+            Proj::TrainInOut { bias, .. } => Some(bias),
             Proj::Frozen { bias, .. } => bias.as_ref(),
         }
     }
@@ -402,7 +435,7 @@ impl Proj {
     fn adapter(&self) -> Option<&Adapter> {
         match self {
             Proj::Frozen { adapter, .. } => adapter.as_deref(),
-            Proj::Train(_) => None,
+            Proj::Train(_) | Proj::TrainInOut { .. } => None,
         }
     }
 }
@@ -749,6 +782,119 @@ fn kaiming_a(seed: u64, name: &str, rank: usize, fan_in: usize, dtype: DType) ->
     Ok(Tensor::from_vec(v, (rank, fan_in), &candle_core::Device::Cpu)?.to_dtype(dtype)?)
 }
 
+/// Freezes every projection and adds adapters to those `cfg` selects; returns the adapters
+/// (in order, `{module}.lora_A.weight` then `lora_B.weight`) and the shared dropout state.
+/// `available` names the architecture's linear layers for the error message.
+pub(crate) fn inject(
+    projs: Vec<(String, &mut Proj)>,
+    available: &[&str],
+    cfg: &LoraConfig,
+    seed: u64,
+    dtype: DType,
+) -> Result<(ParamStore, Arc<DropoutState>)> {
+    cfg.validate()?;
+    if let LoraTargets::Modules(names) = &cfg.targets {
+        for t in names {
+            let one = LoraTargets::Modules(vec![t.clone()]);
+            if !projs.iter().any(|(n, _)| one.matches(n)) {
+                return Err(Error::LoraTargetNotFound {
+                    target: t.clone(),
+                    available: available.iter().map(|s| s.to_string()).collect(),
+                });
+            }
+        }
+    }
+    let dropout = Arc::new(DropoutState {
+        p: cfg.dropout,
+        seed,
+        calls: AtomicU64::new(0),
+        training: AtomicBool::new(true),
+    });
+    let mut params = ParamStore::new();
+    let scale = cfg.scaling();
+    for (module, proj) in projs {
+        proj.freeze()?;
+        if !cfg.targets.matches(&module) {
+            continue;
+        }
+        if let Proj::Frozen {
+            weight: FrozenWeight::Dense(w),
+            adapter,
+            ..
+        } = proj
+        {
+            let (out, inn) = w.dims2()?;
+            let a_name = format!("{module}.lora_A.weight");
+            let b_name = format!("{module}.lora_B.weight");
+            let a = Var::from_tensor(&kaiming_a(seed, &a_name, cfg.rank, inn, dtype)?)?;
+            let b = Var::from_tensor(&Tensor::zeros((out, cfg.rank), dtype, w.device())?)?;
+            *adapter = Some(Box::new(Adapter {
+                name: module.clone(),
+                a: a.as_tensor().clone(),
+                b: b.as_tensor().clone(),
+                scale,
+                dropout: dropout.clone(),
+            }));
+            params.insert(a_name, a);
+            params.insert(b_name, b);
+        }
+    }
+    Ok((params, dropout))
+}
+
+/// Adds (`to`) or subtracts the adapters' update into the dense frozen weights.
+pub(crate) fn merge_projs(projs: Vec<&mut Proj>, to: bool) -> Result<()> {
+    for proj in projs {
+        if let Proj::Frozen {
+            weight: FrozenWeight::Dense(w),
+            adapter: Some(ad),
+            merged,
+            ..
+        } = proj
+        {
+            let d = ad.delta()?.detach().to_dtype(w.dtype())?;
+            *w = if to { (&*w + d)? } else { (&*w - d)? }.detach();
+            *merged = to;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `adapter_model.safetensors` and `adapter_config.json` for `params`.
+pub(crate) fn save_adapter(
+    dir: &Path,
+    params: &ParamStore,
+    cfg: &LoraConfig,
+    fan_in_fan_out: bool,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut tensors = BTreeMap::new();
+    let mut modules: Vec<String> = Vec::new();
+    for (name, var) in params.iter() {
+        tensors.insert(format!("{PEFT_PREFIX}{name}"), var.as_tensor().detach());
+        if let Some(short) = name
+            .strip_suffix(".lora_A.weight")
+            .and_then(|m| m.rsplit('.').next())
+            && !modules.iter().any(|m| m == short)
+        {
+            modules.push(short.to_string());
+        }
+    }
+    let mut meta = BTreeMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    crate::safetensors::write(&dir.join(ADAPTER_WEIGHTS), &tensors, &meta)?;
+    let mut json = cfg.to_peft_json(&modules);
+    json["fan_in_fan_out"] = serde_json::Value::Bool(fan_in_fan_out);
+    let text = serde_json::to_string_pretty(&json).map_err(Error::Json)?;
+    crate::safetensors::write_atomic(&dir.join(ADAPTER_CONFIG), |w| {
+        use std::io::Write;
+        w.write_all(text.as_bytes())
+    })
+}
+
 impl Llama {
     /// Freezes the whole model and adds LoRA adapters to the linear layers `cfg` selects;
     /// `seed` fixes `lora_A`'s initialisation and the dropout masks. Afterwards
@@ -758,72 +904,25 @@ impl Llama {
     /// Fails with [`Error::LoraTargetNotFound`] when a target matches no layer and
     /// [`Error::LoraState`] when the model already has adapters.
     pub fn with_lora(mut self, cfg: &LoraConfig, seed: u64) -> Result<Self> {
-        cfg.validate()?;
         if self.lora.is_some() {
             return Err(Error::LoraState {
                 op: "with_lora",
                 reason: "the model already has adapters",
             });
         }
-        if let LoraTargets::Modules(names) = &cfg.targets {
-            for t in names {
-                let found = self.layers.first().is_some_and(|l| {
-                    layer_projs(l)
-                        .iter()
-                        .any(|(n, _)| LoraTargets::Modules(vec![t.clone()]).matches(n))
-                });
-                if !found {
-                    return Err(Error::LoraTargetNotFound {
-                        target: t.clone(),
-                        available: LLAMA_LINEARS.iter().map(|s| s.to_string()).collect(),
-                    });
-                }
-            }
-        }
         let dtype = self.dtype();
-        let dropout = Arc::new(DropoutState {
-            p: cfg.dropout,
-            seed,
-            calls: AtomicU64::new(0),
-            training: AtomicBool::new(true),
-        });
-        let mut params = ParamStore::new();
-        let scale = cfg.scaling();
+        let mut projs = Vec::new();
         for (i, layer) in self.layers.iter_mut().enumerate() {
             layer.input_norm = layer.input_norm.detach();
             layer.post_norm = layer.post_norm.detach();
             for (short, proj) in layer_projs_mut(layer) {
-                proj.freeze();
-                let module = format!("model.layers.{i}.{short}");
-                if !cfg.targets.matches(&module) {
-                    continue;
-                }
-                if let Proj::Frozen {
-                    weight: FrozenWeight::Dense(w),
-                    adapter,
-                    ..
-                } = proj
-                {
-                    let (out, inn) = w.dims2()?;
-                    let a_name = format!("{module}.lora_A.weight");
-                    let b_name = format!("{module}.lora_B.weight");
-                    let a = Var::from_tensor(&kaiming_a(seed, &a_name, cfg.rank, inn, dtype)?)?;
-                    let b = Var::from_tensor(&Tensor::zeros((out, cfg.rank), dtype, w.device())?)?;
-                    *adapter = Some(Box::new(Adapter {
-                        name: module.clone(),
-                        a: a.as_tensor().clone(),
-                        b: b.as_tensor().clone(),
-                        scale,
-                        dropout: dropout.clone(),
-                    }));
-                    params.insert(a_name, a);
-                    params.insert(b_name, b);
-                }
+                projs.push((format!("model.layers.{i}.{short}"), proj));
             }
         }
+        let (params, dropout) = inject(projs, &LLAMA_LINEARS, cfg, seed, dtype)?;
         self.embed = self.embed.detach();
         self.norm = self.norm.detach();
-        self.lm_head.freeze();
+        self.lm_head.freeze()?;
         self.params = params;
         self.lora = Some(Box::new(LoraState {
             config: cfg.clone(),
@@ -873,6 +972,7 @@ impl Llama {
         let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         let proj = |p: &Proj| match p {
             Proj::Train(l) => dense(&l.weight) + l.bias.as_ref().map_or(0, dense),
+            Proj::TrainInOut { weight, bias } => dense(weight) + dense(bias),
             Proj::Frozen { weight, bias, .. } => {
                 bias.as_ref().map_or(0, dense)
                     + match weight {
@@ -948,21 +1048,12 @@ impl Llama {
             });
         }
         state.merged = to;
-        for layer in &mut self.layers {
-            for (_, proj) in layer_projs_mut(layer) {
-                if let Proj::Frozen {
-                    weight: FrozenWeight::Dense(w),
-                    adapter: Some(ad),
-                    merged,
-                    ..
-                } = proj
-                {
-                    let d = ad.delta()?.detach().to_dtype(w.dtype())?;
-                    *w = if to { (&*w + d)? } else { (&*w - d)? }.detach();
-                    *merged = to;
-                }
-            }
-        }
+        let projs = self
+            .layers
+            .iter_mut()
+            .flat_map(|l| layer_projs_mut(l).map(|(_, p)| p))
+            .collect();
+        merge_projs(projs, to)?;
         Ok(())
     }
 
@@ -1006,32 +1097,7 @@ impl Llama {
             op: "save_lora_adapter",
             reason: "the model has no adapters",
         })?;
-        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        let mut tensors = BTreeMap::new();
-        let mut modules: Vec<String> = Vec::new();
-        for (name, var) in self.params.iter() {
-            tensors.insert(format!("{PEFT_PREFIX}{name}"), var.as_tensor().detach());
-            if let Some(short) = name
-                .strip_suffix(".lora_A.weight")
-                .and_then(|m| m.rsplit('.').next())
-                && !modules.iter().any(|m| m == short)
-            {
-                modules.push(short.to_string());
-            }
-        }
-        let mut meta = BTreeMap::new();
-        meta.insert("format".to_string(), "pt".to_string());
-        crate::safetensors::write(&dir.join(ADAPTER_WEIGHTS), &tensors, &meta)?;
-        let json = serde_json::to_string_pretty(&state.config.to_peft_json(&modules))
-            .map_err(Error::Json)?;
-        let path = dir.join(ADAPTER_CONFIG);
-        crate::safetensors::write_atomic(&path, |w| {
-            use std::io::Write;
-            w.write_all(json.as_bytes())
-        })
+        save_adapter(dir, &self.params, &state.config, false)
     }
 
     /// Loads a PEFT LoRA adapter directory onto this (plain) model: reads
@@ -1063,5 +1129,86 @@ impl Llama {
         }
         m.params.set_values(&values)?;
         Ok(m)
+    }
+}
+
+impl crate::gpt2::Gpt2 {
+    fn blocks_projs_mut(&mut self) -> Vec<(String, &mut Proj)> {
+        let mut v = Vec::new();
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            let p = format!("transformer.h.{i}");
+            v.push((format!("{p}.attn.c_attn"), &mut b.c_attn));
+            v.push((format!("{p}.attn.c_proj"), &mut b.attn_proj));
+            v.push((format!("{p}.mlp.c_fc"), &mut b.c_fc));
+            v.push((format!("{p}.mlp.c_proj"), &mut b.mlp_proj));
+        }
+        v
+    }
+
+    /// Freezes the whole model and adds LoRA adapters to the `Conv1D` layers `cfg` selects
+    /// (`c_attn`, `c_proj`, `c_fc`, or `all-linear`), as [`Llama::with_lora`] does; adapters
+    /// are named `transformer.h.{i}.attn.c_attn.lora_A.weight` (`[r, in]`) and
+    /// `lora_B.weight` (`[out, r]`), PEFT's shapes for `fan_in_fan_out` layers.
+    pub fn with_lora(mut self, cfg: &LoraConfig, seed: u64) -> Result<Self> {
+        if self.lora.is_some() {
+            return Err(Error::LoraState {
+                op: "with_lora",
+                reason: "the model already has adapters",
+            });
+        }
+        let dtype = self.wte.dtype();
+        for b in &mut self.blocks {
+            b.ln_1 = (b.ln_1.0.detach(), b.ln_1.1.detach());
+            b.ln_2 = (b.ln_2.0.detach(), b.ln_2.1.detach());
+        }
+        let (params, dropout) = inject(self.blocks_projs_mut(), &GPT2_LINEARS, cfg, seed, dtype)?;
+        self.wte = self.wte.detach();
+        self.wpe = self.wpe.detach();
+        self.ln_f = (self.ln_f.0.detach(), self.ln_f.1.detach());
+        self.lm_head.freeze()?;
+        self.params = params;
+        self.lora = Some(Box::new(LoraState {
+            config: cfg.clone(),
+            dropout,
+            merged: false,
+            quant: None,
+        }));
+        Ok(self)
+    }
+
+    /// The LoRA configuration, when the model has adapters.
+    pub fn lora_config(&self) -> Option<&LoraConfig> {
+        self.lora.as_ref().map(|l| &l.config)
+    }
+
+    /// Merges (`true`) or unmerges (`false`) the adapters into the frozen weights.
+    pub fn set_lora_merged(&mut self, merged: bool) -> Result<()> {
+        let state = self.lora.as_deref_mut().ok_or(Error::LoraState {
+            op: "set_lora_merged",
+            reason: "the model has no adapters",
+        })?;
+        if state.merged == merged {
+            return Err(Error::LoraState {
+                op: "set_lora_merged",
+                reason: "the adapters are already in that state",
+            });
+        }
+        state.merged = merged;
+        let projs = self
+            .blocks_projs_mut()
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect();
+        merge_projs(projs, merged)
+    }
+
+    /// Saves the adapters in the PEFT layout (`fan_in_fan_out: true`, as PEFT writes for
+    /// GPT-2's `Conv1D`).
+    pub fn save_lora_adapter(&self, dir: &Path) -> Result<()> {
+        let state = self.lora.as_ref().ok_or(Error::LoraState {
+            op: "save_lora_adapter",
+            reason: "the model has no adapters",
+        })?;
+        save_adapter(dir, &self.params, &state.config, true)
     }
 }

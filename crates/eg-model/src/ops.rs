@@ -409,7 +409,7 @@ impl CustomOp3 for LayerNormOp {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -418,9 +418,18 @@ impl CustomOp3 for LayerNormOp {
         let grad = grad.contiguous()?;
         let all = x.apply_op3_no_bwd(w, &grad, &LayerNormBwd { eps: self.eps })?;
         let dx = all.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dw = all.narrow(0, n, d)?;
-        let db = all.narrow(0, n + d, d)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        // Frozen (untracked) weight and bias get no gradient storage (LoRA bases).
+        let dw = if w.track_op() {
+            Some(all.narrow(0, n, d)?)
+        } else {
+            None
+        };
+        let db = if b.track_op() {
+            Some(all.narrow(0, n + d, d)?)
+        } else {
+            None
+        };
+        Ok((Some(dx), dw, db))
     }
 }
 

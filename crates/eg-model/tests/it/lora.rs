@@ -321,3 +321,79 @@ fn dropout_backward_matches_finite_differences() {
         &[0],
     );
 }
+
+#[test]
+fn gpt2_lora_merges_trains_only_adapters_and_saves_peft_layout() {
+    use eg_model::{Gpt2, Gpt2Config};
+    let cfg = Gpt2Config::tiny_for_tests();
+    let base = Gpt2::init(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
+    let before: Vec<Vec<f32>> = base
+        .params()
+        .iter()
+        .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+        .collect();
+    let ids = Tensor::new(
+        &[[1u32, 5, 7, 3, 9, 2, 4, 8], [3, 3, 1, 0, 6, 5, 2, 7]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let y_base = base.forward(&ids).unwrap();
+    let mut m = base
+        .clone()
+        .with_lora(
+            &LoraConfig::rank(2).alpha(4.0).targets(["c_attn", "c_proj"]),
+            5,
+        )
+        .unwrap();
+    assert_eq!(m.params().len(), 2 * 3 * cfg.n_layer);
+    assert_eq!(
+        m.params().iter().next().unwrap().0,
+        "transformer.h.0.attn.c_attn.lora_A.weight"
+    );
+    assert!(max_abs_diff(&y_base, &m.forward(&ids).unwrap()) < 1e-6);
+    let mut opt = candle_nn::AdamW::new_lr(m.params().vars(), 2e-2).unwrap();
+    let mut losses = Vec::new();
+    for _ in 0..6 {
+        let logits = m.forward(&ids).unwrap();
+        let loss = m.next_token_loss(&logits, &ids, None).unwrap();
+        losses.push(loss.to_scalar::<f32>().unwrap());
+        let grads = loss.backward().unwrap();
+        let ids_of: std::collections::HashSet<_> =
+            m.params().iter().map(|(_, v)| v.as_tensor().id()).collect();
+        let shapes: std::collections::HashSet<Vec<usize>> = base
+            .params()
+            .iter()
+            .map(|(_, v)| v.dims().to_vec())
+            .collect();
+        for id in grads.get_ids().filter(|i| !ids_of.contains(i)) {
+            let dims = grads.get_id(*id).unwrap().dims().to_vec();
+            assert!(!shapes.contains(&dims), "a base-shaped gradient {dims:?}");
+        }
+        opt.step(&grads).unwrap();
+    }
+    assert!(losses[5] < losses[0] - 0.05, "{losses:?}");
+    let after: Vec<Vec<f32>> = base
+        .params()
+        .iter()
+        .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+        .collect();
+    assert_eq!(before, after, "the base moved");
+    let y0 = m.forward(&ids).unwrap();
+    m.set_lora_merged(true).unwrap();
+    let y1 = m.forward(&ids).unwrap();
+    m.set_lora_merged(false).unwrap();
+    let y2 = m.forward(&ids).unwrap();
+    assert!(max_abs_diff(&y0, &y1) < 1e-5 && max_abs_diff(&y0, &y2) < 1e-5);
+    let dir = tempfile::tempdir().unwrap();
+    m.save_lora_adapter(dir.path()).unwrap();
+    let f = SafetensorsFile::open(&dir.path().join(ADAPTER_WEIGHTS)).unwrap();
+    assert!(
+        f.tensors()
+            .contains_key("base_model.model.transformer.h.1.mlp.c_proj.lora_B.weight")
+    );
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join(ADAPTER_CONFIG)).unwrap())
+            .unwrap();
+    assert_eq!(c["fan_in_fan_out"], true);
+    assert_eq!(c["target_modules"], serde_json::json!(["c_attn", "c_proj"]));
+}
