@@ -397,3 +397,23 @@ fn gpt2_lora_merges_trains_only_adapters_and_saves_peft_layout() {
     assert_eq!(c["fan_in_fan_out"], true);
     assert_eq!(c["target_modules"], serde_json::json!(["c_attn", "c_proj"]));
 }
+
+#[test]
+fn lora_dropout_is_seeded_and_changes_per_call() {
+    let cfg = LlamaConfig::tiny_for_tests();
+    let base = Llama::init(&cfg, 6, DType::F32, &Device::Cpu).unwrap();
+    let lcfg = LoraConfig::rank(2).dropout(0.3).targets(["all-linear"]);
+    let make = |seed| {
+        let m = base.clone().with_lora(&lcfg, seed).unwrap();
+        randomise_b(&m);
+        m
+    };
+    let (a, b, c) = (make(1), make(1), make(2));
+    let ids = batch(&cfg, 1, 8, 3);
+    let a1 = a.forward(&ids).unwrap();
+    assert_eq!(max_abs_diff(&a1, &b.forward(&ids).unwrap()), 0.0);
+    assert!(max_abs_diff(&a1, &c.forward(&ids).unwrap()) > 0.0);
+    let a2 = a.forward(&ids).unwrap();
+    assert!(max_abs_diff(&a1, &a2) > 0.0, "a new mask per forward call");
+    assert_eq!(max_abs_diff(&a2, &b.forward(&ids).unwrap()), 0.0);
+}
