@@ -68,15 +68,24 @@ fn main() {
         },
         _ => eg_model::builtin::config("small-llama", 32000, SEQ).unwrap(),
     };
-    let base = Llama::init(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
-    let total = base.params().num_elements();
+    let total = eg_model::analyze_llama(&cfg, DType::F32, SEQ).params;
     let lcfg = LoraConfig::rank(16).alpha(32.0).targets(["all-linear"]);
     let model = match mode.as_str() {
-        "full" => base,
-        "lora" => base.with_lora(&lcfg, 1).unwrap(),
-        _ => base
-            .with_qlora(&lcfg, QuantKind::Nf4 { double_quant: true }, 1)
+        "full" => Llama::init(&cfg, 1, DType::F32, &Device::Cpu).unwrap(),
+        "lora" => Llama::init(&cfg, 1, DType::F32, &Device::Cpu)
+            .unwrap()
+            .with_lora(&lcfg, 1)
             .unwrap(),
+        // Quantized layer by layer: no dense copy of the whole base.
+        _ => Llama::init_qlora(
+            &cfg,
+            1,
+            DType::F32,
+            &lcfg,
+            QuantKind::Nf4 { double_quant: true },
+            1,
+        )
+        .unwrap(),
     };
     let base_bytes = model.frozen_base_bytes();
     let trainable = model.params().num_elements();

@@ -818,16 +818,21 @@ pub(crate) fn inject(
             continue;
         }
         if let Proj::Frozen {
-            weight: FrozenWeight::Dense(w),
-            adapter,
-            ..
+            weight, adapter, ..
         } = proj
         {
-            let (out, inn) = w.dims2()?;
+            let (out, inn) = match weight {
+                FrozenWeight::Dense(w) => w.dims2()?,
+                FrozenWeight::Quant(q) => q.shape(),
+            };
             let a_name = format!("{module}.lora_A.weight");
             let b_name = format!("{module}.lora_B.weight");
             let a = Var::from_tensor(&kaiming_a(seed, &a_name, cfg.rank, inn, dtype)?)?;
-            let b = Var::from_tensor(&Tensor::zeros((out, cfg.rank), dtype, w.device())?)?;
+            let b = Var::from_tensor(&Tensor::zeros(
+                (out, cfg.rank),
+                dtype,
+                &candle_core::Device::Cpu,
+            )?)?;
             *adapter = Some(Box::new(Adapter {
                 name: module.clone(),
                 a: a.as_tensor().clone(),
@@ -948,6 +953,71 @@ impl Llama {
                 }
             }
         }
+        if let Some(l) = &mut m.lora {
+            l.quant = Some(quant);
+        }
+        Ok(m)
+    }
+
+    /// The same model as `Llama::init(cfg, seed, ..)?.with_qlora(lora, quant, lora_seed)`
+    /// (bitwise: initial values depend only on the seed and each tensor's name), built layer
+    /// by layer so that no more than one dense decoder layer exists at a time: peak memory is
+    /// the quantized base plus one layer, not the whole dense model.
+    pub fn init_qlora(
+        cfg: &crate::LlamaConfig,
+        seed: u64,
+        dtype: DType,
+        lora: &LoraConfig,
+        quant: QuantKind,
+        lora_seed: u64,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let device = candle_core::Device::Cpu;
+        let one = crate::LlamaConfig {
+            num_hidden_layers: 1,
+            ..cfg.clone()
+        };
+        let mut m = Llama::init(&one, seed, dtype, &device)?;
+        m.layers.clear();
+        let expected = crate::llama::expected_tensors(cfg);
+        for l in 0..cfg.num_hidden_layers {
+            let prefix = format!("model.layers.{l}.");
+            let mut t = HashMap::new();
+            for (name, shape, init) in expected.iter().filter(|(n, _, _)| n.starts_with(&prefix)) {
+                let short = name[prefix.len()..].to_string();
+                let v = crate::params::init_tensor(seed, name, shape, *init, dtype, &device)?;
+                t.insert(short, v);
+            }
+            let mut take = |n: &str| -> Result<Tensor> {
+                t.remove(n).ok_or_else(|| Error::MissingTensors {
+                    names: vec![format!("{prefix}{n}")],
+                })
+            };
+            let mut proj = |p: &str| -> Result<Proj> {
+                let w = take(&format!("{p}.weight"))?;
+                let bias = take(&format!("{p}.bias")).ok();
+                Ok(Proj::Frozen {
+                    weight: FrozenWeight::Quant(Arc::new(QuantMatrix::quantize(&w, quant)?)),
+                    bias,
+                    adapter: None,
+                    merged: false,
+                })
+            };
+            let layer = Layer {
+                q: proj("self_attn.q_proj")?,
+                k: proj("self_attn.k_proj")?,
+                v: proj("self_attn.v_proj")?,
+                o: proj("self_attn.o_proj")?,
+                gate: proj("mlp.gate_proj")?,
+                up: proj("mlp.up_proj")?,
+                down: proj("mlp.down_proj")?,
+                input_norm: take("input_layernorm.weight")?,
+                post_norm: take("post_attention_layernorm.weight")?,
+            };
+            m.layers.push(layer);
+        }
+        m.cfg = cfg.clone();
+        let mut m = m.with_lora(lora, lora_seed)?;
         if let Some(l) = &mut m.lora {
             l.quant = Some(quant);
         }

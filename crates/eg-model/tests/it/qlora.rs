@@ -215,3 +215,34 @@ fn nf4_base_of_a_7b_llama_fits_in_4_2_gb() {
         per_layer
     );
 }
+
+#[test]
+fn init_qlora_equals_init_then_quantize() {
+    let cfg = LlamaConfig {
+        attention_bias: Some(true),
+        ..LlamaConfig::tiny_for_tests()
+    };
+    let lcfg = LoraConfig::rank(2).targets(["q_proj", "down_proj"]);
+    let a = Llama::init(&cfg, 4, DType::F32, &Device::Cpu)
+        .unwrap()
+        .with_qlora(&lcfg, NF4_DQ, 9)
+        .unwrap();
+    let b = Llama::init_qlora(&cfg, 4, DType::F32, &lcfg, NF4_DQ, 9).unwrap();
+    assert_eq!(a.frozen_base_bytes(), b.frozen_base_bytes());
+    let names_a: Vec<&str> = a.params().iter().map(|(n, _)| n).collect();
+    let names_b: Vec<&str> = b.params().iter().map(|(n, _)| n).collect();
+    assert_eq!(names_a, names_b);
+    for (_, v) in a.params().iter() {
+        v.set(&(rand_t(3, v.dims(), DType::F32) * 0.1).unwrap())
+            .unwrap();
+    }
+    for (_, v) in b.params().iter() {
+        v.set(&(rand_t(3, v.dims(), DType::F32) * 0.1).unwrap())
+            .unwrap();
+    }
+    let ids = batch(&cfg, 2, 7, 1);
+    assert_eq!(
+        max_abs_diff(&a.forward(&ids).unwrap(), &b.forward(&ids).unwrap()),
+        0.0
+    );
+}
