@@ -25,6 +25,8 @@ pub trait TrainModel {
     fn named_params(&self) -> Vec<(String, Var)>;
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]` (u32).
     fn logits(&self, ids: &Tensor) -> Result<Tensor>;
+    /// Switches training-only behaviour (dropout) on or off; evaluation turns it off.
+    fn set_training(&self, _training: bool) {}
 }
 
 impl TrainModel for eg_model::Llama {
@@ -37,6 +39,10 @@ impl TrainModel for eg_model::Llama {
 
     fn logits(&self, ids: &Tensor) -> Result<Tensor> {
         Ok(self.forward(ids)?)
+    }
+
+    fn set_training(&self, training: bool) {
+        self.set_lora_training(training);
     }
 }
 
@@ -823,6 +829,14 @@ impl<M: TrainModel> Trainer<M> {
 
     /// Evaluates the held-out split (up to `eval_max_batches` global batches).
     pub fn evaluate(&mut self) -> Result<EvalMetrics> {
+        self.model.set_training(false);
+        let result = self.evaluate_without_dropout();
+        self.model.set_training(true);
+        result
+    }
+
+    /// [`Trainer::evaluate`] with the model already in evaluation mode.
+    fn evaluate_without_dropout(&mut self) -> Result<EvalMetrics> {
         let Some(ev) = &self.eval else {
             return Err(Error::InvalidOption {
                 option: "eval",

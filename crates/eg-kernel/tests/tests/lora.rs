@@ -42,3 +42,28 @@ fn trainer_trains_only_lora_adapters() {
     // The base's own storage (shared with the frozen copies) is bitwise unchanged.
     assert_eq!(weights(&base), base_before);
 }
+
+/// Evaluation turns adapter dropout off: two evaluations give the same loss, and training
+/// (dropout on) still works afterwards.
+#[test]
+fn evaluation_runs_without_lora_dropout() {
+    let lcfg = LoraConfig::rank(4)
+        .alpha(8.0)
+        .dropout(0.5)
+        .targets(["all-linear"]);
+    let m = model().with_lora(&lcfg, 1).unwrap();
+    let mut o = options(2, 2);
+    o.schedule.peak = 3e-2;
+    let mut t = trainer(m, 4, o);
+    // Move the adapters off zero so dropout would change the output.
+    t.fit().unwrap();
+    let a = t.evaluate().unwrap();
+    let b = t.evaluate().unwrap();
+    assert_eq!(
+        a.loss.to_bits(),
+        b.loss.to_bits(),
+        "{} vs {}",
+        a.loss,
+        b.loss
+    );
+}
