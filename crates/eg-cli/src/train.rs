@@ -185,6 +185,90 @@ impl data::TokenDataset for Subset {
     }
 }
 
+/// Settings `eg train` does not implement yet are refused with a typed error naming them,
+/// never silently ignored.
+fn check_supported(cfg: &Config) -> anyhow::Result<()> {
+    use config::wire::{
+        Backend, DType as WDType, Mode, OffloadTarget, Parallelism, Precision, Toggle,
+    };
+    let refuse =
+        |what: &'static str| -> anyhow::Result<()> { Err(exit::Unsupported { what }.into()) };
+    if cfg.train.mode != Mode::Pretrain {
+        return refuse(
+            "`train.mode` other than \"pretrain\" in `eg train` (SFT, DPO and classification; issue #6)",
+        );
+    }
+    if cfg.model.dtype != WDType::F32 {
+        return refuse("`model.dtype` other than \"f32\" in `eg train`");
+    }
+    if matches!(
+        cfg.train.precision.compute,
+        Precision::Bf16 | Precision::F16
+    ) {
+        return refuse(
+            "`train.precision.compute` = bf16/f16 (\"auto\" trains in f32 today; issues #8, #9)",
+        );
+    }
+    if cfg.memory.offload != config::Offload::None || cfg.wire.memory.offload != OffloadTarget::None
+    {
+        return refuse("`memory.offload` (optimizer-state offload, issue #8)");
+    }
+    if cfg.memory.activation_checkpointing == Toggle::On {
+        return refuse(
+            "`memory.activation_checkpointing = \"on\"` (issue #8; \"auto\" keeps it off today)",
+        );
+    }
+    if cfg.dist.parallelism != Parallelism::Single
+        || matches!(cfg.dist.backend, Backend::Mpi | Backend::Nccl)
+    {
+        return refuse(
+            "distributed training (`dist.backend` mpi/nccl, `dist.parallelism` other than single)",
+        );
+    }
+    if !matches!(
+        cfg.hardware.device,
+        config::Device::Auto | config::Device::Cpu
+    ) {
+        return refuse("CUDA devices in `eg train` (build with the `cuda` feature; not built yet)");
+    }
+    if cfg.hardware.threads.is_some() {
+        return refuse("`hardware.threads` (candle's thread count is set by the runtime today)");
+    }
+    if cfg.monitor.prometheus.is_some() || cfg.monitor.tensorboard.is_some() {
+        return refuse("metrics sinks (`monitor.prometheus`, `monitor.tensorboard`)");
+    }
+    Ok(())
+}
+
+/// LoRA / QLoRA adapters and the attention kernel from `[model]`.
+fn adapt_model(cfg: &Config, mut model: Llama, desc: String) -> anyhow::Result<(Llama, String)> {
+    use config::wire::BaseQuant;
+    model.set_attention(model::attention::AttentionKind::from_config(
+        cfg.model.attention,
+    ));
+    let Some(l) = &cfg.model.lora else {
+        return Ok((model, desc));
+    };
+    let lcfg = model::LoraConfig::rank(l.rank.get() as usize)
+        .alpha(l.alpha)
+        .dropout(l.dropout.get())
+        .targets(l.targets.iter().map(String::as_str))
+        .rslora(l.rslora);
+    let seed = cfg.run.seed;
+    let (model, kind) = match cfg.model.quantization {
+        BaseQuant::Nf4 => (
+            model.with_qlora(&lcfg, model::QuantKind::Nf4 { double_quant: true }, seed)?,
+            "QLoRA (NF4)",
+        ),
+        BaseQuant::Int8 => (
+            model.with_qlora(&lcfg, model::QuantKind::Int8 { block: None }, seed)?,
+            "QLoRA (INT8)",
+        ),
+        _ => (model.with_lora(&lcfg, seed)?, "LoRA"),
+    };
+    Ok((model, format!("{desc} + {kind} rank {}", l.rank)))
+}
+
 fn load_model(cfg: &Config, vocab: usize) -> anyhow::Result<(Llama, String)> {
     let seq = cfg.data.seq_len.0 as usize;
     match &cfg.model.source {
@@ -257,8 +341,10 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
 
+    check_supported(&cfg)?;
     let data = load_data(&cfg)?;
     let (model, model_desc) = load_model(&cfg, data.vocab)?;
+    let (model, model_desc) = adapt_model(&cfg, model, model_desc)?;
     let seq = cfg.data.seq_len.0 as usize;
     let rows = (cfg.train.batch.global_tokens.0 as usize / seq).max(1);
     let micro = cfg

@@ -314,3 +314,55 @@ fn second_sigint_aborts() {
     );
     eprintln!("exit code after two SIGINTs: {code:?}");
 }
+
+/// `[model.lora]` and `model.quantization` train adapters only: the checkpoint's weights are
+/// the adapters (issue 7).
+#[test]
+fn lora_and_qlora_from_the_config() {
+    for (quant, label) in [("none", "LoRA"), ("nf4", "QLoRA (NF4)")] {
+        let tmp = tempfile::tempdir().unwrap();
+        let q = format!("model.quantization={quant}");
+        let out = eg_train(
+            tmp.path(),
+            &[
+                "train.max_steps=4",
+                "model.lora.rank=4",
+                "model.lora.targets=[\"all-linear\"]",
+                &q,
+            ],
+        )
+        .output()
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        assert!(stderr.contains(&format!("+ {label} rank 4")), "{stderr}");
+        let w = std::fs::read(
+            tmp.path()
+                .join("checkpoints/step-00000004/model.safetensors"),
+        )
+        .unwrap();
+        let header_len = u64::from_le_bytes(w[..8].try_into().unwrap()) as usize;
+        let header = String::from_utf8_lossy(&w[8..8 + header_len]);
+        assert!(
+            header.contains("lora_A") && !header.contains("q_proj.weight\""),
+            "{header}"
+        );
+    }
+}
+
+/// Settings `eg train` does not implement yet are refused (exit 11), never ignored.
+#[test]
+fn unimplemented_settings_are_refused() {
+    for set in [
+        "model.dtype=bf16",
+        "train.precision.compute=f16",
+        "hardware.threads=1",
+        "monitor.tensorboard=true",
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = eg_train(tmp.path(), &[set]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(11), "{set}: {stderr}");
+        assert!(stderr.contains("is not built yet"), "{set}: {stderr}");
+    }
+}
