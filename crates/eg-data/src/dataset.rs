@@ -31,6 +31,14 @@ pub trait TokenDataset: Send + Sync {
     fn sample_info(&self, id: u64) -> Result<(usize, usize)> {
         Ok((self.sample_len(id)?, self.prompt_len(id)?))
     }
+
+    /// Index of the source sample `id` comes from, for datasets that combine several
+    /// ([`Mixture`](crate::Mixture)); 0 for a single source. Per-source augmentations
+    /// ([`Loader::with_source_augmentations`](crate::Loader::with_source_augmentations)) are
+    /// chosen by it.
+    fn source_of(&self, _id: u64) -> Result<usize> {
+        Ok(0)
+    }
 }
 
 /// A dataset held in memory: for tests, small corpora and generated data.

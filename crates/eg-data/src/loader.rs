@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::augment::Augment;
 use crate::order::{EpochPermutation, SplitMix64, mix64, shard_range};
 use crate::pack::{
-    Batch, Fill, Item, RowPlan, Span, best_fit_decreasing, materialize, split_sample,
+    Augmentations, Batch, Fill, Item, RowPlan, Span, best_fit_decreasing, materialize, split_sample,
 };
 use crate::{Error, Result, TokenDataset};
 
@@ -174,7 +174,7 @@ pub struct Loader {
     rng: SplitMix64,
     step: u64,
     plans: Vec<RowPlan>,
-    augment: Vec<Arc<dyn Augment>>,
+    augment: Augmentations,
 }
 
 impl std::fmt::Debug for Loader {
@@ -235,7 +235,7 @@ impl Loader {
             rng,
             step: 0,
             plans: Vec::new(),
-            augment: Vec::new(),
+            augment: Augmentations::default(),
         })
     }
 
@@ -254,7 +254,24 @@ impl Loader {
     /// Apply `augment` (in order) to every segment of every batch. Augmentations are code,
     /// not state: a resumed run must configure the same ones to repeat the same batches.
     pub fn with_augmentations(mut self, augment: Vec<Arc<dyn Augment>>) -> Self {
-        self.augment = augment;
+        self.augment.all = augment;
+        self
+    }
+
+    /// Apply `augment` (in order, after those of [`Loader::with_augmentations`]) to the
+    /// segments whose sample comes from source `source` of the dataset
+    /// ([`TokenDataset::source_of`]: the index of a [`Mixture`](crate::Mixture)'s sources).
+    /// Replaces what an earlier call set for that source.
+    pub fn with_source_augmentations(
+        mut self,
+        source: usize,
+        augment: Vec<Arc<dyn Augment>>,
+    ) -> Self {
+        let per = &mut self.augment.per_source;
+        if per.len() <= source {
+            per.resize_with(source + 1, Vec::new);
+        }
+        per[source] = augment;
         self
     }
 

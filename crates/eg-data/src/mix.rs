@@ -154,6 +154,9 @@ impl TokenDataset for Mixture {
         let (k, j) = self.locate(id)?;
         self.parts[k].data.sample_info(j)
     }
+    fn source_of(&self, id: u64) -> Result<usize> {
+        Ok(self.locate(id)?.0)
+    }
 }
 
 #[cfg(test)]

@@ -223,11 +223,39 @@ pub(crate) struct Fill {
 }
 
 /// Append rows to `batch`, reading tokens from `data`.
+/// The loader's augmentations: those applied to every segment, then those of the segment's
+/// source.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Augmentations {
+    /// Applied to every segment.
+    pub(crate) all: Vec<Arc<dyn Augment>>,
+    /// Applied to segments of source `k` ([`TokenDataset::source_of`]).
+    pub(crate) per_source: Vec<Vec<Arc<dyn Augment>>>,
+}
+
+impl Augmentations {
+    /// The augmentations for a segment of `sample`, in order.
+    fn for_sample<'a>(
+        &'a self,
+        data: &dyn TokenDataset,
+        sample: u64,
+    ) -> Result<impl Iterator<Item = &'a Arc<dyn Augment>> + Clone> {
+        let own: &[Arc<dyn Augment>] = if self.per_source.is_empty() {
+            &[]
+        } else {
+            self.per_source
+                .get(data.source_of(sample)?)
+                .map_or(&[], Vec::as_slice)
+        };
+        Ok(self.all.iter().chain(own))
+    }
+}
+
 pub(crate) fn materialize(
     data: &dyn TokenDataset,
     rows: &[RowPlan],
     fill: Fill,
-    augment: &[Arc<dyn Augment>],
+    augment: &Augmentations,
     batch: &mut Batch,
 ) -> Result<()> {
     let seq_len = fill.seq_len;
@@ -261,11 +289,12 @@ pub(crate) fn materialize(
             // Targets: not prompt tokens, not the segment's first token.
             let first_target = prompt.max(start + 1).saturating_sub(start).min(n);
             batch.loss_mask[at + first_target..at + n].fill(1);
-            if !augment.is_empty() {
+            let augs = augment.for_sample(data, span.sample)?;
+            if augs.clone().next().is_some() {
                 // Seeded by step, sample and piece: never by rank.
                 let piece = span.sample ^ (u64::from(span.start) << 40);
                 let mut rng = SplitMix64::new(mix64(batch.rng_seed ^ mix64(piece)));
-                for a in augment {
+                for a in augs {
                     a.apply(
                         &mut batch.input_ids[at..at + n],
                         &mut batch.loss_mask[at..at + n],

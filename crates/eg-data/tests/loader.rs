@@ -305,3 +305,74 @@ fn mixture_with_augmentation_resumes_exactly_across_rank_counts() {
     let mut plain = vec![Loader::new(mix.clone(), o.clone(), Placement::SINGLE).unwrap()];
     assert_ne!(global_hash(&global_step(&mut plain).unwrap()), expected[0]);
 }
+
+#[test]
+fn source_augmentations_apply_only_to_their_source_and_resume_exactly() {
+    use eg_data::Mixture;
+    use eg_data::augment::{Augment, TokenDropout};
+    const MARK: u32 = 999_999;
+    let a = dataset(&[5, 17, 3, 30, 8, 12], false);
+    // Source 1's tokens are all at or above OFFSET, so a segment's source is visible.
+    const OFFSET: u32 = 5_000_000;
+    let mut b = InMemoryDataset::new();
+    for i in 0..40u32 {
+        let toks: Vec<u32> = (0..1 + i % 9).map(|j| OFFSET + i * 100 + j).collect();
+        b.push(&toks, 0);
+    }
+    let data: Arc<dyn TokenDataset> =
+        Arc::new(Mixture::new(vec![(a, 1.0), (Arc::new(b), 1.0)], Some(60), 5).unwrap());
+    let drop_all: Vec<Arc<dyn Augment>> = vec![Arc::new(TokenDropout {
+        probability: 1.0,
+        replacement: MARK,
+    })];
+    let o = opts(16, 4, Packing::Concat, false, None, 2);
+    let make = |cursor: Option<&Cursor>| {
+        let l = match cursor {
+            Some(c) => Loader::with_cursor(data.clone(), o.clone(), Placement::SINGLE, c).unwrap(),
+            None => Loader::new(data.clone(), o.clone(), Placement::SINGLE).unwrap(),
+        };
+        l.with_source_augmentations(1, drop_all.clone())
+    };
+    let mut l = make(None);
+    let mut plain = Loader::new(data.clone(), o.clone(), Placement::SINGLE).unwrap();
+    let (mut from_a, mut from_b) = (0, 0);
+    for _ in 0..6 {
+        let got = l.next_batch().unwrap().unwrap();
+        let want = plain.next_batch().unwrap().unwrap();
+        // Segment by segment: source 1 is fully replaced (and out of the loss), source 0 as read.
+        assert_eq!(got.cu_seqlens, want.cu_seqlens);
+        let segs = got.cu_seqlens.windows(2).zip(&got.segment_is_padding);
+        for (w, &pad) in segs {
+            let (s, e) = (w[0] as usize, w[1] as usize);
+            if pad {
+                continue;
+            }
+            if want.input_ids[s] >= OFFSET {
+                from_b += 1;
+                assert!(got.input_ids[s..e].iter().all(|&t| t == MARK));
+                assert!(got.loss_mask[s..e].iter().all(|&m| m == 0));
+            } else {
+                from_a += 1;
+                assert_eq!(got.input_ids[s..e], want.input_ids[s..e]);
+                assert_eq!(got.loss_mask[s..e], want.loss_mask[s..e]);
+            }
+        }
+    }
+    assert!(
+        from_a > 0 && from_b > 0,
+        "both sources seen: {from_a} {from_b}"
+    );
+    // Exact resume with the per-source augmentation.
+    let mut whole = make(None);
+    let expected: Vec<_> = (0..8)
+        .map(|_| global_hash(&[whole.next_batch().unwrap().unwrap()]))
+        .collect();
+    let mut first = make(None);
+    let mut got: Vec<_> = (0..3)
+        .map(|_| global_hash(&[first.next_batch().unwrap().unwrap()]))
+        .collect();
+    let c = Cursor::from_json(&first.cursor().to_json().unwrap()).unwrap();
+    let mut second = make(Some(&c));
+    got.extend((3..8).map(|_| global_hash(&[second.next_batch().unwrap().unwrap()])));
+    assert_eq!(got, expected);
+}
