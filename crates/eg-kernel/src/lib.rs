@@ -74,6 +74,7 @@ pub mod checkpoint;
 mod error;
 pub mod fsio;
 pub mod guards;
+pub mod objective;
 pub mod optim;
 pub mod schedule;
 mod tensors;
@@ -81,6 +82,7 @@ mod trainer;
 
 pub use builder::{Checkpoints, OptimizerSpec, ScheduleSpec, TrainerBuilder};
 pub use error::{Error, Result};
+pub use objective::{CausalLm, MicroLoss, Objective};
 pub use optim::{Optimizer, OptimizerKind, OptimizerState, RamStore, StateStore};
 pub use schedule::{Schedule, Shape};
 pub use trainer::{

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, CheckpointData};
 use crate::guards::{SpikeDetector, clip_factor, sum_squares};
+use crate::objective::{CausalLm, Objective};
 use crate::optim::{Optimizer, OptimizerState};
 use crate::schedule::Schedule;
 use crate::tensors::{set_var, to_vec_f32, with_f32};
@@ -27,6 +28,20 @@ pub trait TrainModel {
     fn logits(&self, ids: &Tensor) -> Result<Tensor>;
     /// Switches training-only behaviour (dropout) on or off; evaluation turns it off.
     fn set_training(&self, _training: bool) {}
+    /// Logits for packed rows: `positions` (`[batch, seq]` u32) restart at every document and
+    /// attention stays inside a document (`doc_ids`, one per position, row-major). Models
+    /// without block-diagonal attention return [`Error::Unsupported`].
+    fn packed_logits(
+        &self,
+        _ids: &Tensor,
+        _positions: &Tensor,
+        _doc_ids: &[u32],
+    ) -> Result<Tensor> {
+        Err(Error::Unsupported {
+            what: "packed rows with document masks for this model",
+            issue: 6,
+        })
+    }
 }
 
 impl TrainModel for eg_model::Llama {
@@ -77,6 +92,10 @@ pub struct StepMetrics {
     pub tokens_seen: u64,
     /// Wall time of the step in seconds.
     pub step_secs: f64,
+    /// Metrics of the objective beyond the loss (e.g. DPO's `reward_accuracy`); the
+    /// `metrics.jsonl` line holds them under `extra` (absent when empty).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, f64>,
 }
 
 /// Metrics of an evaluation on the held-out split.
@@ -325,6 +344,8 @@ pub struct Trainer<M: TrainModel> {
     pending_step: u64,
     last_checkpoint: Option<PathBuf>,
     coverage_checked: bool,
+    objective: Box<dyn Objective<M>>,
+    step_extra: BTreeMap<String, f64>,
 }
 
 impl<M: TrainModel> std::fmt::Debug for Trainer<M> {
@@ -405,7 +426,15 @@ impl<M: TrainModel> Trainer<M> {
             pending_step: 0,
             last_checkpoint: None,
             coverage_checked: false,
+            objective: Box::new(CausalLm::pretrain()),
+            step_extra: BTreeMap::new(),
         })
+    }
+
+    /// Replaces the objective (default: [`CausalLm::pretrain`]). See [`crate::objective`].
+    pub fn with_objective(mut self, objective: Box<dyn Objective<M>>) -> Self {
+        self.objective = objective;
+        self
     }
 
     /// Adds a held-out split evaluated every `eval_every` updates and at the end.
@@ -698,6 +727,7 @@ impl<M: TrainModel> Trainer<M> {
                 tokens: batch.tokens as u64,
                 tokens_seen: self.state.tokens_seen,
                 step_secs: t0.elapsed().as_secs_f64(),
+                extra: std::mem::take(&mut self.step_extra),
             };
             let mut line = serde_json::to_value(&m).map_err(|source| Error::Json {
                 what: "metrics",
@@ -763,40 +793,34 @@ impl<M: TrainModel> Trainer<M> {
     }
 
     /// Splits the global batch into micro-batches, runs forward and backward on each with
-    /// the loss scaled by its share of the global batch's predicted tokens, and accumulates
-    /// the gradients. Returns the global mean loss and the gradients' squared norm.
+    /// the objective's loss scaled by its share of the global batch (see
+    /// [`crate::objective`]), and accumulates the gradients. Returns the global mean loss and
+    /// the gradients' squared norm.
     fn forward_backward(&mut self, batch: &Batch) -> Result<(f64, f64)> {
-        let seq = batch.seq_len;
         let rows = batch.rows;
-        let mb = self.opts.micro_batch_rows;
-        let targets = batch_targets(batch);
-        let total: usize = targets.iter().filter(|t| t.is_some()).count();
+        let group = self.objective.row_group().max(1);
+        let mb = self.opts.micro_batch_rows.div_ceil(group) * group;
+        let total = self.objective.normaliser(batch)?;
         for g in &mut self.grads {
             g.fill(0.0);
         }
-        if total == 0 {
+        self.step_extra.clear();
+        if total <= 0.0 {
             return Ok((0.0, 0.0));
         }
         let mut loss = 0.0f64;
         let mut r0 = 0;
         while r0 < rows {
             let r1 = (r0 + mb).min(rows);
-            let t = &targets[r0 * seq..r1 * seq];
-            let count = t.iter().filter(|t| t.is_some()).count();
-            if count > 0 {
-                let ids = Tensor::from_slice(
-                    &batch.input_ids[r0 * seq..r1 * seq],
-                    (r1 - r0, seq),
-                    &Device::Cpu,
-                )?;
-                let logits = self.model.logits(&ids)?;
-                let ce = eg_model::ops::cross_entropy(&logits, t)?;
-                let scaled = (ce * (count as f64 / total as f64))?;
-                loss += f64::from(
-                    scaled
-                        .to_dtype(candle_core::DType::F32)?
-                        .to_scalar::<f32>()?,
-                );
+            let micro = self
+                .objective
+                .micro_loss(&self.model, batch, r0..r1, total)?;
+            if let Some(micro) = micro {
+                loss += micro.value;
+                for (k, v) in micro.metrics {
+                    *self.step_extra.entry(k.to_string()).or_insert(0.0) += v;
+                }
+                let scaled = micro.loss;
                 let store = scaled.backward()?;
                 let check = self.opts.coverage_check && !self.coverage_checked;
                 let mut missing = Vec::new();
