@@ -648,12 +648,30 @@ impl Resolved {
                     suggestion: did_you_mean(k, props.keys().map(String::as_str)),
                     allowed: props.keys().cloned().collect(),
                 }),
-                Some(p) => {
-                    if let Value::Dict(_, child) = v {
+                Some(p) => match v {
+                    Value::Dict(_, child) => {
                         let target = object_schema(schema, p);
                         self.walk_unknown(schema, target, &key, child, out);
                     }
-                }
+                    // Arrays of tables (`[[data.mix]]`): each item against the item schema.
+                    Value::Array(_, items) => {
+                        if let Some(item) = object_schema(schema, p).get("items") {
+                            let target = object_schema(schema, item);
+                            for (i, it) in items.iter().enumerate() {
+                                if let Value::Dict(_, child) = it {
+                                    self.walk_unknown(
+                                        schema,
+                                        target,
+                                        &format!("{key}.{i}"),
+                                        child,
+                                        out,
+                                    );
+                                }
+                            }
+                        }
+                    }
+                    _ => {}
+                },
             }
         }
     }

@@ -25,7 +25,7 @@ pub fn reference_markdown() -> String {
     );
     for name in SECTIONS {
         if let Some(prop) = schema["properties"].get(*name) {
-            section(&schema, name, prop, &mut out);
+            section(&schema, name, prop, false, &mut out);
         }
     }
     out
@@ -55,7 +55,9 @@ fn non_null<'a>(schema: &'a Value, v: &'a Value) -> (&'a Value, bool) {
     (resolve(schema, v), false)
 }
 
-fn section(schema: &Value, path: &str, prop: &Value, out: &mut String) {
+/// One table for the section at `path`; `array` marks an array of tables (`[[data.mix]]`),
+/// whose `prop` is the item schema.
+fn section(schema: &Value, path: &str, prop: &Value, array: bool, out: &mut String) {
     let (def, _) = non_null(schema, prop);
     let Some(props) = def.get("properties").and_then(Value::as_object) else {
         return;
@@ -66,7 +68,9 @@ fn section(schema: &Value, path: &str, prop: &Value, out: &mut String) {
         .and_then(Value::as_str)
         .unwrap_or("");
     out.push_str(&format!(
-        "\n## `[{path}]`\n\n{desc}\n\n| key | type | default | meaning |\n|---|---|---|---|\n"
+        "\n## `{open}{path}{close}`\n\n{desc}\n\n| key | type | default | meaning |\n|---|---|---|---|\n",
+        open = if array { "[[" } else { "[" },
+        close = if array { "]]" } else { "]" },
     ));
     let mut nested = Vec::new();
     for (key, p) in props {
@@ -76,9 +80,11 @@ fn section(schema: &Value, path: &str, prop: &Value, out: &mut String) {
                 .and_then(Value::as_array)
                 .is_some_and(|ts| ts.iter().any(|t| t == "null"));
         if target.get("properties").is_some() {
-            nested.push((format!("{path}.{key}"), p));
+            nested.push((format!("{path}.{key}"), p, false));
             continue;
         }
+        let item = target.get("items").map(|i| resolve(schema, i));
+        let table_items = item.filter(|i| i.get("properties").is_some());
         let ty = type_name(schema, target);
         let default = match p.get("default") {
             Some(d) => format!("`{d}`"),
@@ -91,9 +97,12 @@ fn section(schema: &Value, path: &str, prop: &Value, out: &mut String) {
             .unwrap_or("")
             .replace('\n', " ");
         out.push_str(&format!("| `{key}` | {ty} | {default} | {meaning} |\n"));
+        if let Some(i) = table_items {
+            nested.push((format!("{path}.{key}"), i, true));
+        }
     }
-    for (p, v) in nested {
-        section(schema, &p, v, out);
+    for (p, v, array) in nested {
+        section(schema, &p, v, array, out);
     }
 }
 

@@ -120,6 +120,40 @@ pub struct DataConfig {
     pub prefetch: NonZeroUsize,
     /// Directory of tokenized shards.
     pub cache_dir: PathBuf,
+    /// Sampling weight of the main source among `mix`.
+    pub weight: f64,
+    /// Augmentations of the main source, in order.
+    pub augment: Vec<Augmentation>,
+    /// Further sources mixed in by weight.
+    pub mix: Vec<MixSource>,
+}
+
+/// One augmentation, validated (`[[data.augment]]`).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Augmentation {
+    /// Which augmentation.
+    pub kind: AugmentKind,
+    /// Probability per token, fraction of tokens or probability per segment (by kind).
+    pub probability: Ratio,
+    /// Mean span length (span corruption), at least 1.
+    pub mean_span: usize,
+    /// Replacement token; `None` means the padding (or EOS) id.
+    pub token: Option<u32>,
+}
+
+/// A further data source, validated (`[[data.mix]]`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct MixSource {
+    /// Kind of source: text, jsonl or tokens.
+    pub source: DataSource,
+    /// Files, directories or globs (at least one).
+    pub paths: Vec<String>,
+    /// JSONL field path, split at dots.
+    pub field: Vec<String>,
+    /// Sampling weight, finite and non-negative.
+    pub weight: f64,
+    /// Augmentations of this source, in order.
+    pub augment: Vec<Augmentation>,
 }
 
 /// `[model.lora]`, validated.
@@ -391,6 +425,24 @@ impl Config {
     pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
         toml::to_string_pretty(&self.wire)
     }
+}
+
+/// Validates a list of augmentations at `key` (`data.augment`, `data.mix.N.augment`).
+fn augmentations(c: &mut Checker<'_>, key: &str, list: &[AugmentWire]) -> Vec<Augmentation> {
+    list.iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let k = format!("{key}.{i}");
+            Augmentation {
+                kind: a.kind,
+                probability: c.ratio(&format!("{k}.probability"), a.probability, false, false),
+                mean_span: c.int(&format!("{k}.mean_span"), a.mean_span, 1, 65_536) as usize,
+                token: a
+                    .token
+                    .map(|t| c.u32(&format!("{k}.token"), t, 0, u32::MAX)),
+            }
+        })
+        .collect()
 }
 
 /// Collects errors with their origins while building the typed config.
@@ -695,6 +747,51 @@ pub(crate) fn validate(w: WireConfig, r: &Resolved) -> Result<Config, Error> {
         None => run.dir.join("cache"),
     };
     let tokenizer = d.tokenizer.as_ref().map(|p| c.path("data.tokenizer", p));
+    let weight = c.float("data.weight", d.weight, 0.0, 1e9, false, false);
+    let augment = augmentations(&mut c, "data.augment", &d.augment);
+    let mut mix = Vec::new();
+    for (i, m) in d.mix.iter().enumerate() {
+        let key = format!("data.mix.{i}");
+        if m.source == DataSource::Embedded {
+            c.invalid(
+                &format!("{key}.source"),
+                m.source.name(),
+                "text, jsonl or tokens (the embedded corpus can only be the main source)",
+            );
+        }
+        if m.paths.is_empty() {
+            c.invalid(
+                &format!("{key}.paths"),
+                &m.paths,
+                "at least one file, directory or glob",
+            );
+        }
+        for (j, p) in m.paths.iter().enumerate() {
+            c.non_empty(&format!("{key}.paths.{j}"), p);
+        }
+        let field: Vec<String> = m.field.split('.').map(str::to_string).collect();
+        if field.iter().any(|f| f.trim().is_empty()) {
+            c.invalid(
+                &format!("{key}.field"),
+                &m.field,
+                "a field name or dotted path such as `text` or `doc.body`",
+            );
+        }
+        mix.push(MixSource {
+            source: m.source,
+            paths: m.paths.clone(),
+            field,
+            weight: c.float(&format!("{key}.weight"), m.weight, 0.0, 1e9, false, false),
+            augment: augmentations(&mut c, &format!("{key}.augment"), &m.augment),
+        });
+    }
+    if !mix.is_empty() && weight + mix.iter().map(|m| m.weight).sum::<f64>() <= 0.0 {
+        c.invalid(
+            "data.weight",
+            weight,
+            "weights that are not all zero (data.weight and each data.mix weight)",
+        );
+    }
     let data = DataConfig {
         source: d.source,
         paths: d.paths.clone(),
@@ -707,6 +804,9 @@ pub(crate) fn validate(w: WireConfig, r: &Resolved) -> Result<Config, Error> {
         max_error_fraction,
         prefetch,
         cache_dir,
+        weight,
+        augment,
+        mix,
     };
 
     // model

@@ -66,6 +66,13 @@ choice!(
         Tokens = "tokens" } default Embedded
 );
 choice!(
+    /// A seeded, deterministic token-level augmentation.
+    AugmentKind { /// Replace each token with `token` with `probability`; replaced tokens leave the loss.
+        TokenDropout = "token-dropout", /// Replace spans (mean length `mean_span`) covering about `probability` of the tokens with `token`.
+        SpanCorruption = "span-corruption", /// With `probability` per segment, cut it at a uniform point and pad the rest with `token`.
+        RandomTruncation = "random-truncation" } default TokenDropout
+);
+choice!(
     /// How samples are packed into sequences.
     Packing { /// Concatenate documents with EOS and cut into sequences (pre-training).
         Concat = "concat", /// Best-fit decreasing bin packing with document masks (fine-tuning).
@@ -360,6 +367,100 @@ pub struct DataWire {
         proptest(strategy = "proptest::option::of(crate::wire::arb::text())")
     )]
     pub cache_dir: Option<String>,
+    /// Sampling weight of this (the main) source when `[[data.mix]]` adds others.
+    #[cfg_attr(test, proptest(strategy = "crate::wire::arb::float()"))]
+    pub weight: f64,
+    /// Augmentations applied, in order, to this source's samples.
+    #[cfg_attr(
+        test,
+        proptest(
+            strategy = "proptest::collection::vec(proptest::arbitrary::any::<AugmentWire>(), 0..2)"
+        )
+    )]
+    pub augment: Vec<AugmentWire>,
+    /// More sources mixed with the main one by weight, each with its own augmentations.
+    #[cfg_attr(
+        test,
+        proptest(
+            strategy = "proptest::collection::vec(proptest::arbitrary::any::<MixSourceWire>(), 0..2)"
+        )
+    )]
+    pub mix: Vec<MixSourceWire>,
+}
+
+/// One `[[data.augment]]` (or `[[data.mix.augment]]`) entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[serde(default, deny_unknown_fields)]
+pub struct AugmentWire {
+    /// Which augmentation.
+    pub kind: AugmentKind,
+    /// Probability per token (token-dropout), fraction of tokens (span-corruption) or
+    /// probability per segment (random-truncation), in [0, 1].
+    #[cfg_attr(test, proptest(strategy = "crate::wire::arb::float()"))]
+    pub probability: f64,
+    /// Mean span length (span-corruption).
+    #[cfg_attr(test, proptest(strategy = "crate::wire::arb::int()"))]
+    pub mean_span: u64,
+    /// Replacement token id; unset means the padding (or EOS) id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        test,
+        proptest(strategy = "proptest::option::of(0..u64::from(u32::MAX))")
+    )]
+    pub token: Option<u64>,
+}
+
+impl Default for AugmentWire {
+    fn default() -> Self {
+        AugmentWire {
+            kind: AugmentKind::TokenDropout,
+            probability: 0.1,
+            mean_span: 3,
+            token: None,
+        }
+    }
+}
+
+/// One `[[data.mix]]` entry: a further source, tokenized like the main one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[serde(default, deny_unknown_fields)]
+pub struct MixSourceWire {
+    /// Kind of source (`text`, `jsonl` or `tokens`).
+    pub source: DataSource,
+    /// Files, directories or globs.
+    #[cfg_attr(
+        test,
+        proptest(strategy = "proptest::collection::vec(crate::wire::arb::text(), 0..3)")
+    )]
+    pub paths: Vec<String>,
+    /// JSONL field path holding the text (dotted for nested objects).
+    #[cfg_attr(test, proptest(strategy = "crate::wire::arb::text()"))]
+    pub field: String,
+    /// Sampling weight relative to the other sources (and `data.weight`).
+    #[cfg_attr(test, proptest(strategy = "crate::wire::arb::float()"))]
+    pub weight: f64,
+    /// Augmentations applied, in order, to this source's samples.
+    #[cfg_attr(
+        test,
+        proptest(
+            strategy = "proptest::collection::vec(proptest::arbitrary::any::<AugmentWire>(), 0..2)"
+        )
+    )]
+    pub augment: Vec<AugmentWire>,
+}
+
+impl Default for MixSourceWire {
+    fn default() -> Self {
+        MixSourceWire {
+            source: DataSource::Text,
+            paths: Vec::new(),
+            field: "text".into(),
+            weight: 1.0,
+            augment: Vec::new(),
+        }
+    }
 }
 
 impl Default for DataWire {
@@ -376,6 +477,9 @@ impl Default for DataWire {
             max_error_fraction: 0.001,
             prefetch: 4,
             cache_dir: None,
+            weight: 1.0,
+            augment: Vec::new(),
+            mix: Vec::new(),
         }
     }
 }

@@ -587,3 +587,55 @@ fn one_type_error_per_section_is_reported() {
         .collect();
     assert_eq!(keys, ["run.seed", "data.shuffle", "train.max_steps"]);
 }
+
+#[test]
+fn unknown_key_inside_an_array_of_tables() {
+    let (e, p) = file_error(
+        "run.toml",
+        "[data]\nsource = \"text\"\npaths = [\"a.txt\"]\n\n[[data.mix]]\npaths = [\"b.txt\"]\nwieght = 2.0\n",
+    );
+    let located = e.located().unwrap();
+    assert_eq!(located.key, "data.mix.0.wieght", "{e}");
+    let msg = e.to_string();
+    assert!(msg.contains("did you mean `weight`?"), "{msg}");
+    assert!(msg.contains(&p.display().to_string()), "{msg}");
+}
+
+#[test]
+fn augmentation_probability_out_of_range_names_the_entry() {
+    let (e, _) = file_error(
+        "run.toml",
+        "[data]\nsource = \"text\"\npaths = [\"a.txt\"]\n\n[[data.mix]]\npaths = [\"b.txt\"]\n\n[[data.mix.augment]]\nkind = \"span-corruption\"\nprobability = 1.5\n",
+    );
+    let located = e.located().unwrap();
+    assert_eq!(located.key, "data.mix.0.augment.0.probability", "{e}");
+    assert!(e.to_string().contains("[0, 1]"), "{e}");
+}
+
+#[test]
+fn mixed_source_must_read_files() {
+    let (e, _) = file_error(
+        "run.toml",
+        "[[data.mix]]\nsource = \"embedded\"\npaths = [\"b.txt\"]\n",
+    );
+    let located = e.located().unwrap();
+    assert_eq!(located.key, "data.mix.0.source", "{e}");
+    assert!(e.to_string().contains("main source"), "{e}");
+}
+
+#[test]
+fn per_source_augmentations_validate() {
+    let dir = crate::Dir::new();
+    let p = dir.write(
+        "run.toml",
+        "[data]\nsource = \"text\"\npaths = [\"a.txt\"]\nweight = 3.0\n\n[[data.augment]]\nkind = \"token-dropout\"\nprobability = 0.05\ntoken = 7\n\n[[data.mix]]\nsource = \"jsonl\"\npaths = [\"b.jsonl\"]\nweight = 1.0\n\n[[data.mix.augment]]\nkind = \"random-truncation\"\nprobability = 0.5\n",
+    );
+    let c = Sources::new().file(&p).load().unwrap();
+    assert_eq!(c.data.weight, 3.0);
+    assert_eq!(c.data.augment.len(), 1);
+    assert_eq!(c.data.augment[0].token, Some(7));
+    assert_eq!(c.data.mix.len(), 1);
+    assert_eq!(c.data.mix[0].weight, 1.0);
+    assert_eq!(c.data.mix[0].augment[0].probability.get(), 0.5);
+    assert_eq!(c.data.mix[0].augment[0].token, None);
+}
