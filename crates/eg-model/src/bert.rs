@@ -7,8 +7,14 @@
 //! Tensor names: `BertModel` checkpoints (e.g. sentence-transformers' all-MiniLM-L6-v2) have
 //! no prefix (`encoder.layer.0.attention.self.query.weight`), task models prefix the encoder
 //! with `bert.`; both load, and saving uses `bert.` when there is a task head. The pooler is
-//! trainable only with the classification head (the other heads do not use it, so it would get
-//! no gradient); otherwise it is carried along unchanged for the round trip.
+//! trainable only with the classification head on `[CLS]` pooling (nothing else uses it, so it
+//! would get no gradient); otherwise it is carried along unchanged for the round trip.
+//!
+//! The classification head pools (the `[CLS]` token through the pooler, or the mean over the
+//! attention mask, [`Pooling`]), applies seeded dropout and a linear layer to `num_labels`
+//! logits ([`Bert::classify`]); [`Bert::with_classifier`] puts a fresh head on an encoder such
+//! as all-MiniLM-L6-v2. Sentence embeddings are [`Bert::mean_pooled`]; the losses are in
+//! [`crate::heads`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -16,6 +22,7 @@ use std::path::Path;
 use candle_core::{D, DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use crate::heads::{self, Dropout, Pooling};
 use crate::hf::{CONFIG, Weights, save_dir, torch_dtype};
 use crate::llama::Linear;
 use crate::ops;
@@ -140,13 +147,31 @@ pub enum BertHead {
     None,
     /// Masked language modelling (`cls.predictions.*`, decoder tied to the word embeddings).
     MaskedLm,
-    /// Sequence classification: pooler (dense + tanh on the first token) and a linear
-    /// classifier with `num_labels` outputs.
+    /// Sequence classification: pooling (with [`Pooling::Cls`], the pooler: dense + tanh on
+    /// the first token), dropout and a linear classifier with `num_labels` outputs.
     SequenceClassification {
         /// Number of classes.
         num_labels: usize,
+        /// How the sequence is pooled.
+        pooling: Pooling,
     },
 }
+
+impl BertHead {
+    /// Whether the head trains the pooler (`pooler.dense.*`).
+    fn uses_pooler(self) -> bool {
+        matches!(
+            self,
+            BertHead::SequenceClassification {
+                pooling: Pooling::Cls,
+                ..
+            }
+        )
+    }
+}
+
+/// `config.json` key recording the classifier's pooling (absent: `cls`, Hugging Face's).
+const POOLING_KEY: &str = "classifier_pooling";
 
 fn encoder_tensors(cfg: &BertConfig) -> Vec<(String, Vec<usize>, Init)> {
     let h = cfg.hidden_size;
@@ -256,8 +281,15 @@ fn head_tensors(cfg: &BertConfig, head: BertHead) -> Vec<(String, Vec<usize>, In
                 Init::Zeros,
             ),
         ],
-        BertHead::SequenceClassification { num_labels } => {
-            let mut v = pooler_tensors(cfg);
+        BertHead::SequenceClassification {
+            num_labels,
+            pooling,
+        } => {
+            let mut v = if pooling == Pooling::Cls {
+                pooler_tensors(cfg)
+            } else {
+                Vec::new()
+            };
             v.push((
                 "classifier.weight".to_string(),
                 vec![num_labels, h],
@@ -357,8 +389,7 @@ impl Bert {
             .map(|(n, s, _)| (n, s))
             .collect();
         let mut expected = trained.clone();
-        let carries_pooler = !matches!(head, BertHead::SequenceClassification { .. })
-            && tensors.contains_key("pooler.dense.weight");
+        let carries_pooler = !head.uses_pooler() && tensors.contains_key("pooler.dense.weight");
         if carries_pooler {
             expected.extend(pooler_tensors(cfg).into_iter().map(|(n, s, _)| (n, s)));
         }
@@ -441,8 +472,16 @@ impl Bert {
         let head = if shapes.contains_key("cls.predictions.transform.dense.weight") {
             BertHead::MaskedLm
         } else if let Some(s) = shapes.get("classifier.weight") {
+            let pooling = match cfg.extra.get(POOLING_KEY).and_then(|v| v.as_str()) {
+                None => Pooling::Cls,
+                Some(name) => Pooling::from_name(name).ok_or_else(|| Error::InvalidConfig {
+                    field: POOLING_KEY,
+                    reason: format!("{name:?} is neither \"cls\" nor \"mean\""),
+                })?,
+            };
             BertHead::SequenceClassification {
                 num_labels: s.first().copied().unwrap_or(0),
+                pooling,
             }
         } else {
             BertHead::None
@@ -477,6 +516,16 @@ impl Bert {
             "torch_dtype".to_string(),
             torch_dtype(self.word.dtype()).into(),
         );
+        if let BertHead::SequenceClassification {
+            num_labels,
+            pooling,
+        } = self.head
+        {
+            cfg.extra
+                .insert("num_labels".to_string(), (num_labels as u64).into());
+            cfg.extra
+                .insert(POOLING_KEY.to_string(), pooling.name().into());
+        }
         let json = serde_json::to_string_pretty(&cfg).map_err(Error::Json)?;
         save_dir(dir, out, &json, max_shard_bytes)
     }
@@ -609,20 +658,77 @@ impl Bert {
     }
 
     /// Classification logits `[batch, num_labels]` from hidden states (needs
-    /// [`BertHead::SequenceClassification`]): pooler (dense + tanh) on the first token, then
-    /// the classifier.
-    pub fn classify(&self, hidden: &Tensor) -> Result<Tensor> {
-        let first = hidden.narrow(1, 0, 1)?.squeeze(1)?;
-        let pooler = Linear {
-            weight: self.param("pooler.dense.weight")?,
-            bias: Some(self.param("pooler.dense.bias")?),
+    /// [`BertHead::SequenceClassification`]): pooling ([`Pooling::Cls`]: the pooler, dense +
+    /// tanh, on the first token; [`Pooling::Mean`]: the mean over the tokens `attention_mask`
+    /// keeps), then `dropout` (none at evaluation), then the classifier.
+    pub fn classify(
+        &self,
+        hidden: &Tensor,
+        attention_mask: Option<&Tensor>,
+        dropout: Option<Dropout>,
+    ) -> Result<Tensor> {
+        let BertHead::SequenceClassification { pooling, .. } = self.head else {
+            return Err(Error::Unsupported {
+                what: "classification with a BERT built without a classification head",
+                issue: 6,
+            });
         };
-        let pooled = pooler.forward(&first)?.tanh()?;
+        let pooled = match pooling {
+            Pooling::Cls => {
+                let pooler = Linear {
+                    weight: self.param("pooler.dense.weight")?,
+                    bias: Some(self.param("pooler.dense.bias")?),
+                };
+                pooler.forward(&heads::first_token(hidden)?)?.tanh()?
+            }
+            Pooling::Mean => heads::mean_pool(hidden, attention_mask)?,
+        };
+        let pooled = heads::dropout(&pooled, dropout)?;
         let classifier = Linear {
             weight: self.param("classifier.weight")?,
             bias: Some(self.param("classifier.bias")?),
         };
         classifier.forward(&pooled)
+    }
+
+    /// This encoder with a classification head of `num_labels` classes on `pooling`. A
+    /// classifier of that size is kept; otherwise a fresh one is initialised from `seed`, as
+    /// is the pooler when [`Pooling::Cls`] needs one the checkpoint lacks (a masked-LM head
+    /// is dropped).
+    pub fn with_classifier(&self, num_labels: usize, pooling: Pooling, seed: u64) -> Result<Self> {
+        if num_labels < 2 {
+            return Err(Error::InvalidConfig {
+                field: "num_labels",
+                reason: format!("{num_labels} (a classifier needs at least 2 classes)"),
+            });
+        }
+        let head = BertHead::SequenceClassification {
+            num_labels,
+            pooling,
+        };
+        let dtype = self.word.dtype();
+        let device = self.word.device().clone();
+        let mut tensors: HashMap<String, Tensor> = self
+            .params
+            .tensors()
+            .into_iter()
+            .chain(self.frozen.clone())
+            .filter(|(n, _)| !n.starts_with("cls."))
+            .collect();
+        let keep_classifier = matches!(
+            self.head,
+            BertHead::SequenceClassification { num_labels: n, .. } if n == num_labels
+        );
+        if !keep_classifier {
+            tensors.retain(|n, _| !n.starts_with("classifier."));
+        }
+        for (name, shape, init) in head_tensors(&self.cfg, head) {
+            if let std::collections::hash_map::Entry::Vacant(e) = tensors.entry(name) {
+                let t = init_tensor(seed, e.key(), &shape, init, dtype, &device)?;
+                e.insert(t);
+            }
+        }
+        Self::from_tensors(&self.cfg, head, tensors, dtype)
     }
 
     /// Mean of the hidden states over the non-padding tokens, `[batch, hidden]`

@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert as reference;
-use eg_model::{Bert, BertConfig, BertHead, ops};
+use eg_model::heads::Dropout;
+use eg_model::{Bert, BertConfig, BertHead, Pooling, ops};
 
 use crate::common::{max_abs_diff, rand_t};
 
@@ -44,7 +45,14 @@ fn every_bert_parameter_gets_a_finite_nonzero_gradient_for_each_head() {
     let heads = [
         BertHead::None,
         BertHead::MaskedLm,
-        BertHead::SequenceClassification { num_labels: 3 },
+        BertHead::SequenceClassification {
+            num_labels: 3,
+            pooling: Pooling::Cls,
+        },
+        BertHead::SequenceClassification {
+            num_labels: 3,
+            pooling: Pooling::Mean,
+        },
     ];
     for head in heads {
         let model = randomized(&cfg, head, 1);
@@ -68,7 +76,8 @@ fn every_bert_parameter_gets_a_finite_nonzero_gradient_for_each_head() {
                 ops::cross_entropy(&flat, &targets).unwrap()
             }
             BertHead::SequenceClassification { .. } => {
-                let logits = model.classify(&hidden).unwrap();
+                let d = Some(Dropout { p: 0.1, seed: 4 });
+                let logits = model.classify(&hidden, Some(&mask), d).unwrap();
                 ops::cross_entropy(&logits, &[Some(2), Some(0)]).unwrap()
             }
         };
@@ -206,19 +215,26 @@ fn bert_model_checkpoint_with_pooler_loads_and_round_trips() {
 fn bert_task_model_round_trip_keeps_its_head() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = BertConfig::tiny_for_tests();
-    let head = BertHead::SequenceClassification { num_labels: 2 };
-    let model = randomized(&cfg, head, 5);
-    model.save_hf_dir(dir.path(), None).unwrap();
+    for pooling in [Pooling::Cls, Pooling::Mean] {
+        let head = BertHead::SequenceClassification {
+            num_labels: 2,
+            pooling,
+        };
+        let model = randomized(&cfg, head, 5);
+        model.save_hf_dir(dir.path(), None).unwrap();
+        let loaded = Bert::from_hf_dir(dir.path(), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(loaded.head(), head);
+        let x = ids(&cfg, 2, 4);
+        let a = model
+            .classify(&model.forward(&x, None, None).unwrap(), None, None)
+            .unwrap();
+        let b = loaded
+            .classify(&loaded.forward(&x, None, None).unwrap(), None, None)
+            .unwrap();
+        assert_eq!(max_abs_diff(&a, &b), 0.0);
+    }
     let loaded = Bert::from_hf_dir(dir.path(), DType::F32, &Device::Cpu).unwrap();
-    assert_eq!(loaded.head(), head);
     let x = ids(&cfg, 2, 4);
-    let a = model
-        .classify(&model.forward(&x, None, None).unwrap())
-        .unwrap();
-    let b = loaded
-        .classify(&loaded.forward(&x, None, None).unwrap())
-        .unwrap();
-    assert_eq!(max_abs_diff(&a, &b), 0.0);
     // Using a head the model lacks is a typed error.
     assert!(matches!(
         loaded.mlm_logits(&loaded.forward(&x, None, None).unwrap()),
