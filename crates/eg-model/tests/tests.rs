@@ -7,8 +7,6 @@ mod attention;
 mod bert;
 #[path = "it/bert_heads.rs"]
 mod bert_heads;
-#[path = "it/checkpointing.rs"]
-mod checkpointing;
 #[path = "it/common.rs"]
 mod common;
 #[path = "it/gguf.rs"]
@@ -25,8 +23,6 @@ mod model;
 mod ops;
 #[path = "it/parity.rs"]
 mod parity;
-#[path = "it/precision.rs"]
-mod precision;
 #[path = "it/qlora.rs"]
 mod qlora;
 #[path = "it/real_assets.rs"]
