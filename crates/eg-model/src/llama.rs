@@ -27,9 +27,13 @@ impl Linear {
         let inn = dims.last().copied().unwrap_or(1);
         let rows = x.elem_count() / inn.max(1);
         let out = self.weight.dim(0)?;
-        let y = x.reshape((rows, inn))?.matmul(&self.weight.t()?)?;
+        // Mixed precision: the (f32 master) weight is cast to the activation's dtype at use;
+        // the cast's backward converts the gradient back to the parameter's dtype. A no-op
+        // when the dtypes agree.
+        let w = self.weight.to_dtype(x.dtype())?;
+        let y = x.reshape((rows, inn))?.matmul(&w.t()?)?;
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?)?,
             None => y,
         };
         let mut shape = dims.to_vec();
@@ -71,6 +75,8 @@ pub struct Llama {
     /// Adapters and frozen base ([`crate::lora`]); `None` for a fully trainable model.
     pub(crate) lora: Option<Box<LoraState>>,
     attention: AttentionKind,
+    /// Dtype activations and matrix products run in; `None`: the parameters' dtype.
+    compute: Option<DType>,
 }
 
 /// The tensors a configuration needs: name, shape and initialisation.
@@ -211,6 +217,7 @@ impl Llama {
             cfg,
             lora: None,
             attention: AttentionKind::default(),
+            compute: None,
         })
     }
 
@@ -227,6 +234,30 @@ impl Llama {
     /// The attention implementation.
     pub fn attention(&self) -> AttentionKind {
         self.attention
+    }
+
+    /// Runs the forward pass in `dtype` (mixed precision): parameters stay as they are (f32
+    /// master weights), each is cast to `dtype` where it is used, and activations and matrix
+    /// products are in `dtype`. Norms, softmax, RoPE, SwiGLU and cross entropy compute in f32
+    /// inside their kernels ([`crate::ops`]); the loss is f32. The casts have a backward, so
+    /// gradients reach the parameters in their own dtype.
+    ///
+    /// `dtype` must be f32, f64, bf16 or f16 ([`Error::UnsupportedDType`] otherwise).
+    pub fn set_compute_dtype(&mut self, dtype: DType) -> Result<()> {
+        if !matches!(dtype, DType::F32 | DType::F64 | DType::BF16 | DType::F16) {
+            return Err(Error::UnsupportedDType {
+                op: "Llama compute dtype",
+                dtype,
+            });
+        }
+        self.compute = (dtype != self.dtype()).then_some(dtype);
+        Ok(())
+    }
+
+    /// The dtype the forward pass computes in (the parameters' unless
+    /// [`Llama::set_compute_dtype`] chose another).
+    pub fn compute_dtype(&self) -> DType {
+        self.compute.unwrap_or_else(|| self.dtype())
     }
 
     /// The trainable parameters.
@@ -269,7 +300,11 @@ impl Llama {
         }
         let h = self.cfg.hidden_size;
         let flat = crate::params::checked_ids(ids, self.cfg.vocab_size)?;
-        let mut x = self.embed.index_select(&flat, 0)?.reshape((b, t, h))?;
+        let mut x = self
+            .embed
+            .index_select(&flat, 0)?
+            .reshape((b, t, h))?
+            .to_dtype(self.compute_dtype())?;
         let (cos, sin) = match positions {
             None => (self.cos.narrow(0, 0, t)?, self.sin.narrow(0, 0, t)?),
             Some(p) => {

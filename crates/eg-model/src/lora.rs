@@ -354,8 +354,8 @@ impl Proj {
                 let rows = x.elem_count() / inn.max(1);
                 let y = x
                     .reshape((rows, inn))?
-                    .matmul(weight)?
-                    .broadcast_add(bias)?;
+                    .matmul(&weight.to_dtype(x.dtype())?)?
+                    .broadcast_add(&bias.to_dtype(x.dtype())?)?;
                 let mut shape = x.dims().to_vec();
                 if let Some(last) = shape.last_mut() {
                     *last = out;
@@ -376,7 +376,11 @@ impl Proj {
         let mut y = frozen_linear(&x2, weight, bias.as_ref())?;
         if let (Some(ad), false) = (adapter, merged) {
             let h = ad.dropout_input(&x2)?;
-            let u = h.matmul(&ad.a.t()?)?.matmul(&ad.b.t()?)?;
+            // Adapters are f32 master weights; cast to the activation's dtype at use.
+            let dt = h.dtype();
+            let u = h
+                .matmul(&ad.a.to_dtype(dt)?.t()?)?
+                .matmul(&ad.b.to_dtype(dt)?.t()?)?;
             y = (y + u.affine(ad.scale, 0.0)?)?;
         }
         let mut shape = dims;

@@ -9,8 +9,9 @@
 //! row blocks in a fixed order, so results do not depend on the number of threads).
 //!
 //! CPU kernels exist for `f32` and `f64`. `bf16`/`f16` inputs are converted to `f32` for the
-//! kernel and the result converted back (the conversions have their own backward). Other
-//! devices return candle's "no cuda implementation" error for now.
+//! kernel and the result converted back (the conversions have their own backward), so norms,
+//! softmax, RoPE and SwiGLU accumulate in f32 under mixed precision; cross entropy keeps its
+//! loss in f32. Other devices return candle's "no cuda implementation" error for now.
 //!
 //! Every backward is checked against central finite differences in `f64` and against the
 //! composite candle formulation in this crate's tests.
@@ -1069,8 +1070,12 @@ impl CustomOp1 for CrossEntropyBwd {
 /// materialised; the backward is `softmax - one_hot` per row, computed in one pass.
 ///
 /// With every row ignored the loss is `0` and the gradient is zero (not NaN).
+///
+/// bf16/f16 logits are widened to f32 and the loss stays f32 (a bf16 loss would keep three
+/// significant digits: too coarse to report, to detect spikes on, or to scale for f16
+/// training); the gradient flows back to the logits in their own dtype.
 pub fn cross_entropy(logits: &Tensor, targets: &[Option<u32>]) -> Result<Tensor> {
-    let (xw, back) = widen(logits)?;
+    let (xw, _) = widen(logits)?;
     let v = last_dim_of(&xw, "cross_entropy logits")?;
     let rows = xw.elem_count() / v.max(1);
     if targets.len() != rows {
@@ -1092,7 +1097,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &[Option<u32>]) -> Result<Tensor>
         count,
         lse: std::sync::Mutex::default(),
     })?;
-    narrow_back(loss, back)
+    Ok(loss)
 }
 
 /// Targets for next-token prediction: position `i` predicts token `i + 1` of the same row.

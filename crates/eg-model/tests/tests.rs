@@ -23,6 +23,8 @@ mod model;
 mod ops;
 #[path = "it/parity.rs"]
 mod parity;
+#[path = "it/precision.rs"]
+mod precision;
 #[path = "it/qlora.rs"]
 mod qlora;
 #[path = "it/real_assets.rs"]
