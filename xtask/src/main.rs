@@ -16,6 +16,7 @@
 //! Run `cargo xtask help` for the options.
 
 mod assets;
+mod bench_train;
 mod ci;
 mod fsutil;
 
@@ -49,6 +50,14 @@ Tasks:
       Run the criterion benchmarks: cargo bench -p eg-benches [-- FILTER].
   bench memory
       Predicted vs measured peak memory over a grid of eg train runs (docs/memory.md).
+  bench train [--install-torch] [--rounds N] [--threads 1,2] [--configs 6.3m,110m[,1b]]
+              [--venv DIR] [--spin-limit N]
+      Training speed of eg against PyTorch eager on the same Llama shapes (issue 9,
+      docs/benchmarks.md): alternating runs of crates/eg-kernel/examples/train_speed.rs
+      and benches/peers/train_llama.py; tokens/s, ratio, peak RSS, MFU against the
+      2048^3 matmul peak, forward/backward/optimizer split. --install-torch creates the
+      venv (default: $EG_TORCH_VENV, else <repo>/.eg-cache/torch-venv) with the pins of
+      benches/peers/requirements.txt (~5.3 GB from PyPI).
 
   help
       Show this text.
@@ -123,6 +132,9 @@ fn bench_memory() -> Result<()> {
 }
 
 fn bench(args: &[String]) -> Result<()> {
+    if args.first().map(String::as_str) == Some("train") {
+        return bench_train::bench_train(&args[1..]);
+    }
     if args.len() > 1 || args.first().is_some_and(|a| a.starts_with('-')) {
         bail!("usage: cargo xtask bench [FILTER]");
     }
