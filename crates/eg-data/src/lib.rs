@@ -86,6 +86,7 @@ mod loader;
 mod mix;
 pub mod order;
 pub mod pack;
+pub mod pairs;
 mod prefetch;
 pub mod shards;
 pub mod stream;
@@ -98,6 +99,10 @@ pub use glob::expand_inputs;
 pub use loader::{Carry, Cursor, Loader, LoaderOptions, Packing, Placement};
 pub use mix::Mixture;
 pub use pack::{Batch, RowPlan, Span};
+pub use pairs::{
+    BatchSource, PairCursor, PairDataset, PairEncoding, PairFields, PairLoader, PairLoaderOptions,
+    PreferencePair,
+};
 pub use prefetch::{PrefetchStats, Prefetcher};
 pub use shards::{ShardAccess, ShardFiles, ShardWriter, TokenShards, TokenWidth};
 pub use stream::{
