@@ -1,10 +1,12 @@
 //! The trainable Llama family: Llama 2/3, Mistral, Qwen2.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::attention::{AttentionKind, AttentionMask, chunked_attention};
+use crate::checkpointing::{self, Block, CheckpointFlag};
 use crate::config::LlamaConfig;
 use crate::lora::{LoraState, Proj};
 use crate::ops::{self, RopeLayout};
@@ -77,6 +79,8 @@ pub struct Llama {
     attention: AttentionKind,
     /// Dtype activations and matrix products run in; `None`: the parameters' dtype.
     compute: Option<DType>,
+    /// Activation checkpointing of the decoder layers ([`crate::checkpointing`]).
+    checkpointing: CheckpointFlag,
 }
 
 /// The tensors a configuration needs: name, shape and initialisation.
@@ -218,6 +222,7 @@ impl Llama {
             lora: None,
             attention: AttentionKind::default(),
             compute: None,
+            checkpointing: CheckpointFlag::default(),
         })
     }
 
@@ -234,6 +239,22 @@ impl Llama {
     /// The attention implementation.
     pub fn attention(&self) -> AttentionKind {
         self.attention
+    }
+
+    /// Turns activation checkpointing of every decoder layer on or off (default off).
+    ///
+    /// With it on, each layer keeps only its input between the forward and the backward pass
+    /// and recomputes its activations during the backward (one more forward pass of compute);
+    /// gradients are bitwise the same ([`crate::checkpointing`]). It takes a shared reference
+    /// so that a memory controller can switch it between steps; it applies from the next
+    /// forward pass.
+    pub fn set_activation_checkpointing(&self, on: bool) {
+        self.checkpointing.set(on);
+    }
+
+    /// Whether activation checkpointing is on.
+    pub fn activation_checkpointing(&self) -> bool {
+        self.checkpointing.get()
     }
 
     /// Runs the forward pass in `dtype` (mixed precision): parameters stay as they are (f32
@@ -323,8 +344,31 @@ impl Llama {
                 )
             }
         };
-        for layer in &self.layers {
-            x = self.layer_forward(layer, &x, &cos, &sin)?;
+        if self.checkpointing.get() {
+            // One shallow copy (shared tensors) that every checkpointed layer reads again
+            // when it is recomputed during the backward pass.
+            let model = Arc::new(self.clone());
+            for i in 0..self.layers.len() {
+                let prefix = format!("model.layers.{i}.");
+                let params = self
+                    .params
+                    .iter()
+                    .filter(|(n, _)| n.starts_with(&prefix))
+                    .map(|(_, v)| v.as_tensor().clone())
+                    .collect();
+                let dropout = self.lora.as_ref().map(|l| l.dropout.clone());
+                let block = LlamaBlock {
+                    model: model.clone(),
+                    index: i,
+                    cos: cos.clone(),
+                    sin: sin.clone(),
+                };
+                x = checkpointing::checkpoint(Box::new(block), &x, params, dropout)?;
+            }
+        } else {
+            for layer in &self.layers {
+                x = self.layer_forward(layer, &x, &cos, &sin)?;
+            }
         }
         let x = ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
         self.lm_head.forward(&x)
@@ -378,6 +422,28 @@ impl Llama {
     ) -> Result<Tensor> {
         let targets = ops::next_token_targets(labels, Some(-100), loss_mask)?;
         ops::cross_entropy(logits, &targets)
+    }
+}
+
+/// Decoder layer `index` of `model` with the RoPE tables of one forward pass, for
+/// [`checkpointing`].
+struct LlamaBlock {
+    model: Arc<Llama>,
+    index: usize,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Block for LlamaBlock {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let layer = self
+            .model
+            .layers
+            .get(self.index)
+            .ok_or_else(|| Error::MissingTensors {
+                names: vec![format!("model.layers.{}", self.index)],
+            })?;
+        self.model.layer_forward(layer, x, &self.cos, &self.sin)
     }
 }
 

@@ -304,6 +304,32 @@ impl LoraState {
     }
 }
 
+/// Where the dropout stream stood during one forward pass, so that activation checkpointing
+/// ([`crate::checkpointing`]) replays the same masks when it recomputes a block.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DropoutPosition {
+    calls: u64,
+    training: bool,
+}
+
+impl DropoutState {
+    /// The current position of the stream.
+    pub(crate) fn position(&self) -> DropoutPosition {
+        DropoutPosition {
+            calls: self.calls.load(Ordering::Relaxed),
+            training: self.training.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Moves the stream to `p` and returns where it was.
+    pub(crate) fn seek(&self, p: DropoutPosition) -> DropoutPosition {
+        DropoutPosition {
+            calls: self.calls.swap(p.calls, Ordering::Relaxed),
+            training: self.training.swap(p.training, Ordering::Relaxed),
+        }
+    }
+}
+
 /// A frozen base weight: dense or quantized.
 #[derive(Debug, Clone)]
 pub(crate) enum FrozenWeight {

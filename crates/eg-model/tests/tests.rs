@@ -7,6 +7,8 @@ mod attention;
 mod bert;
 #[path = "it/bert_heads.rs"]
 mod bert_heads;
+#[path = "it/checkpointing.rs"]
+mod checkpointing;
 #[path = "it/common.rs"]
 mod common;
 #[path = "it/gguf.rs"]
