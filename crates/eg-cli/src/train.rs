@@ -188,9 +188,7 @@ impl data::TokenDataset for Subset {
 /// Settings `eg train` does not implement yet are refused with a typed error naming them,
 /// never silently ignored.
 fn check_supported(cfg: &Config) -> anyhow::Result<()> {
-    use config::wire::{
-        Backend, DType as WDType, Mode, OffloadTarget, Parallelism, Precision, Toggle,
-    };
+    use config::wire::{Backend, DType as WDType, Mode, OffloadTarget, Parallelism, Precision};
     let refuse =
         |what: &'static str| -> anyhow::Result<()> { Err(exit::Unsupported { what }.into()) };
     if cfg.train.mode != Mode::Pretrain {
@@ -212,11 +210,6 @@ fn check_supported(cfg: &Config) -> anyhow::Result<()> {
     if cfg.memory.offload != config::Offload::None || cfg.wire.memory.offload != OffloadTarget::None
     {
         return refuse("`memory.offload` (optimizer-state offload, issue #8)");
-    }
-    if cfg.memory.activation_checkpointing == Toggle::On {
-        return refuse(
-            "`memory.activation_checkpointing = \"on\"` (issue #8; \"auto\" keeps it off today)",
-        );
     }
     if cfg.dist.parallelism != Parallelism::Single
         || matches!(cfg.dist.backend, Backend::Mpi | Backend::Nccl)
@@ -246,6 +239,15 @@ fn adapt_model(cfg: &Config, mut model: Llama, desc: String) -> anyhow::Result<(
     model.set_attention(model::attention::AttentionKind::from_config(
         cfg.model.attention,
     ));
+    // "on": every decoder layer from the first step; "auto" starts without it (the plan and
+    // the memory controller may switch it on).
+    let checkpointing = cfg.memory.activation_checkpointing == config::wire::Toggle::On;
+    model.set_activation_checkpointing(checkpointing);
+    let desc = if checkpointing {
+        format!("{desc}, activation checkpointing")
+    } else {
+        desc
+    };
     let Some(l) = &cfg.model.lora else {
         return Ok((model, desc));
     };

@@ -350,6 +350,36 @@ fn lora_and_qlora_from_the_config() {
     }
 }
 
+/// `memory.activation_checkpointing = "on"` recomputes every layer in the backward pass and
+/// trains bit for bit as without it: same losses, same weights (issue 8).
+#[test]
+fn activation_checkpointing_trains_identically() {
+    let mut runs = Vec::new();
+    for toggle in ["off", "on"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let set = format!("memory.activation_checkpointing={toggle}");
+        let out = eg_train(tmp.path(), &["train.max_steps=4", &set])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{toggle}: {stderr}");
+        assert_eq!(
+            stderr.contains("activation checkpointing"),
+            toggle == "on",
+            "{stderr}"
+        );
+        let w = std::fs::read(
+            tmp.path()
+                .join("checkpoints/step-00000004/model.safetensors"),
+        )
+        .unwrap();
+        runs.push((losses(tmp.path()), w));
+    }
+    assert_eq!(runs[0].0.len(), 4);
+    assert_eq!(runs[0].0, runs[1].0, "losses");
+    assert!(runs[0].1 == runs[1].1, "final weights differ");
+}
+
 /// Settings `eg train` does not implement yet are refused (exit 11), never ignored.
 #[test]
 fn unimplemented_settings_are_refused() {
