@@ -111,6 +111,9 @@ pub enum Error {
     /// An error from the data crate.
     #[error(transparent)]
     Data(#[from] eg_data::Error),
+    /// Memory layer (optimizer-state offload).
+    #[error(transparent)]
+    Memory(#[from] eg_memory::Error),
 }
 
 impl Error {

@@ -83,7 +83,10 @@ mod trainer;
 pub use builder::{Checkpoints, OptimizerSpec, ScheduleSpec, TrainerBuilder};
 pub use error::{Error, Result};
 pub use objective::{CausalLm, MicroLoss, Objective};
-pub use optim::{Optimizer, OptimizerKind, OptimizerState, RamStore, StateStore};
+pub use optim::{
+    DiskStore, DiskStoreOptions, Optimizer, OptimizerKind, OptimizerSnapshot, OptimizerState,
+    RamStore, StateLocation, StateStore,
+};
 pub use schedule::{Schedule, Shape};
 pub use trainer::{
     Anomaly, Callback, CheckpointOptions, EvalMetrics, EvalSet, FitReport, QuarantineEntry,

@@ -6,7 +6,13 @@
 //! accumulated and a clipping factor applied on the fly.
 //!
 //! State buffers live behind [`StateStore`], so the memory layer can move them to
-//! memory-mapped files without touching the update rules; [`RamStore`] keeps them in RAM.
+//! memory-mapped files without touching the update rules: [`RamStore`] keeps them in RAM,
+//! eg-memory's [`DiskStore`] in files under `memory.offload_dir` with a background thread
+//! that prefetches the next tensors and writes back and drops the ones just updated. The
+//! update walks the parameters in a fixed order, in chunks of the store's
+//! [`StateStore::chunk_elems`], and every kernel is element-wise, so the result is bitwise the
+//! same whatever the store. [`Optimizer::set_store`] moves the state to another store between
+//! steps (the memory controller turns disk offload on at run time with it).
 //! [`Optimizer::export_state`] / [`Optimizer::import_state`] give the state as named f32
 //! vectors (`<param>.exp_avg`, `<param>.exp_avg_sq`, `<param>.momentum`) for checkpoints and
 //! in-memory snapshots.
@@ -15,8 +21,12 @@
 //! is not a norm ([`decays`]); norms and biases are never decayed.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use candle_core::Var;
+pub use eg_memory::offload::{DiskStore, DiskStoreOptions, Flush};
 use serde::{Deserialize, Serialize};
 
 use crate::tensors::update_var;
@@ -124,6 +134,102 @@ pub trait StateStore: Send + std::fmt::Debug {
     fn slots_mut(&mut self, param: usize) -> Result<Vec<&mut [f32]>>;
     /// One buffer, read-only.
     fn slot(&self, param: usize, slot: usize) -> Result<&[f32]>;
+    /// Elements the optimizer updates at a time (`None`: a whole tensor at once).
+    fn chunk_elems(&self) -> Option<usize> {
+        None
+    }
+    /// The update of `elems` of `param` is done: the store may write it back, drop it from
+    /// memory and prefetch what comes next in the (fixed) update order.
+    fn release(&mut self, _param: usize, _elems: Range<usize>) -> Result<()> {
+        Ok(())
+    }
+    /// `param` was read (export) or written (import) as a whole: the store may drop it.
+    fn evict(&mut self, _param: usize) -> Result<()> {
+        Ok(())
+    }
+    /// Where the state lives.
+    fn location(&self) -> StateLocation {
+        StateLocation::Ram
+    }
+    /// Keeps a copy of the whole state inside the store for [`StateStore::restore_snapshot`]
+    /// and returns `true`; `false` (the default) means the store cannot, and the caller
+    /// keeps an exported copy instead.
+    fn save_snapshot(&mut self) -> Result<bool> {
+        Ok(false)
+    }
+    /// Restores the copy made by [`StateStore::save_snapshot`].
+    fn restore_snapshot(&mut self) -> Result<()> {
+        Err(Error::StateMismatch {
+            what: "optimizer snapshot".into(),
+            expected: "a snapshot kept by the state store".into(),
+            found: "a store that keeps none".into(),
+        })
+    }
+}
+
+/// Where optimizer state lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateLocation {
+    /// In RAM.
+    Ram,
+    /// In memory-mapped files in this directory.
+    Disk(PathBuf),
+}
+
+impl StateStore for DiskStore {
+    fn allocate(&mut self, param: usize, slots: usize, len: usize) -> Result<()> {
+        Ok(DiskStore::allocate(self, param, slots, len)?)
+    }
+
+    fn slots_mut(&mut self, param: usize) -> Result<Vec<&mut [f32]>> {
+        Ok(DiskStore::slots_mut(self, param)?)
+    }
+
+    fn slot(&self, param: usize, slot: usize) -> Result<&[f32]> {
+        Ok(DiskStore::slot(self, param, slot)?)
+    }
+
+    fn chunk_elems(&self) -> Option<usize> {
+        Some(DiskStore::chunk_elems(self))
+    }
+
+    fn release(&mut self, param: usize, elems: Range<usize>) -> Result<()> {
+        Ok(DiskStore::release(self, param, elems)?)
+    }
+
+    fn evict(&mut self, param: usize) -> Result<()> {
+        Ok(DiskStore::release(self, param, 0..usize::MAX)?)
+    }
+
+    fn location(&self) -> StateLocation {
+        StateLocation::Disk(self.dir().to_path_buf())
+    }
+
+    fn save_snapshot(&mut self) -> Result<bool> {
+        DiskStore::save_snapshot(self)?;
+        Ok(true)
+    }
+
+    fn restore_snapshot(&mut self) -> Result<()> {
+        Ok(DiskStore::restore_snapshot(self)?)
+    }
+}
+
+/// Builds the store `memory.offload` asks for: RAM for `none`; files under the directory
+/// for `disk`; `ram` (a GPU model's state in host RAM) needs the `cuda` feature and is a
+/// typed error in this build.
+pub fn store_for(offload: &eg_config::Offload) -> Result<Box<dyn StateStore>> {
+    match offload {
+        eg_config::Offload::Disk(dir) => Ok(Box::new(DiskStore::create(
+            dir,
+            DiskStoreOptions::default(),
+        )?)),
+        eg_config::Offload::Ram => {
+            eg_memory::offload::host_offload_available()?;
+            Ok(Box::new(RamStore::new()))
+        }
+        _ => Ok(Box::new(RamStore::new())),
+    }
 }
 
 /// State kept in RAM.
@@ -170,6 +276,65 @@ impl StateStore for RamStore {
     }
 }
 
+/// AdamW's per-step constants.
+#[derive(Debug, Clone, Copy)]
+struct AdamK {
+    b1: f32,
+    b2: f32,
+    eps: f32,
+    step_size: f32,
+    bc2_sqrt: f32,
+    decay: f32,
+}
+
+/// AdamW on one chunk, element-wise (the same result for any chunking).
+fn adamw(w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], scale: f32, k: AdamK) {
+    for j in 0..w.len() {
+        let gk = g[j] * scale;
+        let mk = k.b1 * m[j] + (1.0 - k.b1) * gk;
+        let vk = k.b2 * v[j] + (1.0 - k.b2) * gk * gk;
+        m[j] = mk;
+        v[j] = vk;
+        let denom = vk.sqrt() / k.bc2_sqrt + k.eps;
+        w[j] = w[j] * k.decay - k.step_size * mk / denom;
+    }
+}
+
+/// SGD with momentum on one chunk, element-wise.
+fn sgd(w: &mut [f32], g: &[f32], buf: &mut [f32], scale: f32, mu: f32, lr: f32, wd: f32) {
+    for j in 0..w.len() {
+        let gk = g[j] * scale + wd * w[j];
+        let b = mu * buf[j] + gk;
+        buf[j] = b;
+        w[j] -= lr * b;
+    }
+}
+
+/// Lion on one chunk, element-wise.
+fn lion(
+    w: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    scale: f32,
+    (b1, b2): (f32, f32),
+    decay: f32,
+    lr: f32,
+) {
+    for j in 0..w.len() {
+        let gk = g[j] * scale;
+        let c = b1 * m[j] + (1.0 - b1) * gk;
+        let s = if c > 0.0 {
+            1.0
+        } else if c < 0.0 {
+            -1.0
+        } else {
+            0.0
+        };
+        w[j] = w[j] * decay - lr * s;
+        m[j] = b2 * m[j] + (1.0 - b2) * gk;
+    }
+}
+
 #[derive(Debug, Clone)]
 struct ParamInfo {
     name: String,
@@ -186,6 +351,19 @@ pub struct OptimizerState {
     pub kind: OptimizerKind,
     /// `<param>.<slot>` → (shape, values).
     pub buffers: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+}
+
+/// A rollback point of the optimizer: an exported copy in RAM, or (disk offload) a copy
+/// the store keeps in its own files.
+#[derive(Debug, Clone)]
+pub enum OptimizerSnapshot {
+    /// The whole state, exported.
+    Ram(Arc<OptimizerState>),
+    /// Kept by the store ([`StateStore::save_snapshot`]), taken after `t` updates.
+    InStore {
+        /// Updates applied when it was taken.
+        t: u64,
+    },
 }
 
 /// An optimizer over a fixed, ordered list of named parameters.
@@ -284,11 +462,12 @@ impl Optimizer {
     }
 
     /// Applies one update to every parameter: `vars[i]` with gradient `grads[i]` multiplied
-    /// by `grad_scale` (the clipping factor), at learning rate `lr`.
-    pub fn step(
+    /// by `grad_scale` (the clipping factor), at learning rate `lr`. The gradients may be
+    /// owned buffers or slices borrowed from candle's gradient storage (no copy).
+    pub fn step<G: AsRef<[f32]>>(
         &mut self,
         vars: &[Var],
-        grads: &[Vec<f32>],
+        grads: &[G],
         lr: f64,
         grad_scale: f32,
     ) -> Result<()> {
@@ -303,6 +482,7 @@ impl Optimizer {
         let t = self.t;
         let kind = self.kind;
         for (i, (var, g)) in vars.iter().zip(grads).enumerate() {
+            let g = g.as_ref();
             let info = &self.params[i];
             if g.len() != var.elem_count() {
                 return Err(Error::StateMismatch {
@@ -312,78 +492,70 @@ impl Optimizer {
                 });
             }
             let wd = if info.decay { self.weight_decay } else { 0.0 };
-            let mut slots = self.store.slots_mut(i)?;
             let name = info.name.as_str();
-            match kind {
-                OptimizerKind::AdamW { beta1, beta2, eps } => {
-                    let [m, v] = slots.as_mut_slice() else {
-                        return Err(missing(i, 1));
-                    };
-                    let (m, v) = (&mut **m, &mut **v);
-                    let bc1 = 1.0 - beta1.powi(t as i32);
-                    let bc2 = 1.0 - beta2.powi(t as i32);
-                    let step_size = (lr / bc1) as f32;
-                    let bc2_sqrt = bc2.sqrt() as f32;
-                    let decay = (1.0 - lr * wd) as f32;
-                    let (b1, b2, eps) = (beta1 as f32, beta2 as f32, eps as f32);
-                    update_var(name, var, move |w| {
-                        for k in 0..w.len() {
-                            let gk = g[k] * grad_scale;
-                            let mk = b1 * m[k] + (1.0 - b1) * gk;
-                            let vk = b2 * v[k] + (1.0 - b2) * gk * gk;
-                            m[k] = mk;
-                            v[k] = vk;
-                            let denom = vk.sqrt() / bc2_sqrt + eps;
-                            w[k] = w[k] * decay - step_size * mk / denom;
+            let n = g.len();
+            let chunk = self.store.chunk_elems().unwrap_or(n).max(1);
+            let store = &mut self.store;
+            let mut result: Result<()> = Ok(());
+            update_var(name, var, |w| {
+                result = (|| {
+                    let mut a = 0;
+                    loop {
+                        let b = (a + chunk).min(n);
+                        let mut slots = store.slots_mut(i)?;
+                        let r = a..b;
+                        match (kind, slots.as_mut_slice()) {
+                            (OptimizerKind::AdamW { beta1, beta2, eps }, [m, v]) => {
+                                let bc1 = 1.0 - beta1.powi(t as i32);
+                                let bc2 = 1.0 - beta2.powi(t as i32);
+                                let k = AdamK {
+                                    b1: beta1 as f32,
+                                    b2: beta2 as f32,
+                                    eps: eps as f32,
+                                    step_size: (lr / bc1) as f32,
+                                    bc2_sqrt: bc2.sqrt() as f32,
+                                    decay: (1.0 - lr * wd) as f32,
+                                };
+                                let (m, v) = (&mut m[r.clone()], &mut v[r.clone()]);
+                                adamw(&mut w[r.clone()], &g[r], m, v, grad_scale, k);
+                            }
+                            (OptimizerKind::Sgd { momentum }, [buf]) => sgd(
+                                &mut w[r.clone()],
+                                &g[r.clone()],
+                                &mut buf[r],
+                                grad_scale,
+                                momentum as f32,
+                                lr as f32,
+                                wd as f32,
+                            ),
+                            (OptimizerKind::Lion { beta1, beta2 }, [m]) => lion(
+                                &mut w[r.clone()],
+                                &g[r.clone()],
+                                &mut m[r],
+                                grad_scale,
+                                (beta1 as f32, beta2 as f32),
+                                (1.0 - lr * wd) as f32,
+                                lr as f32,
+                            ),
+                            _ => return Err(missing(i, kind.slot_names().len() - 1)),
                         }
-                    })?;
-                }
-                OptimizerKind::Sgd { momentum } => {
-                    let [buf] = slots.as_mut_slice() else {
-                        return Err(missing(i, 0));
-                    };
-                    let buf = &mut **buf;
-                    let (mu, lr, wd) = (momentum as f32, lr as f32, wd as f32);
-                    update_var(name, var, move |w| {
-                        for k in 0..w.len() {
-                            let gk = g[k] * grad_scale + wd * w[k];
-                            let b = mu * buf[k] + gk;
-                            buf[k] = b;
-                            w[k] -= lr * b;
+                        drop(slots);
+                        store.release(i, a..b)?;
+                        if b >= n {
+                            return Ok(());
                         }
-                    })?;
-                }
-                OptimizerKind::Lion { beta1, beta2 } => {
-                    let [m] = slots.as_mut_slice() else {
-                        return Err(missing(i, 0));
-                    };
-                    let m = &mut **m;
-                    let (b1, b2) = (beta1 as f32, beta2 as f32);
-                    let decay = (1.0 - lr * wd) as f32;
-                    let lr = lr as f32;
-                    update_var(name, var, move |w| {
-                        for k in 0..w.len() {
-                            let gk = g[k] * grad_scale;
-                            let c = b1 * m[k] + (1.0 - b1) * gk;
-                            let s = if c > 0.0 {
-                                1.0
-                            } else if c < 0.0 {
-                                -1.0
-                            } else {
-                                0.0
-                            };
-                            w[k] = w[k] * decay - lr * s;
-                            m[k] = b2 * m[k] + (1.0 - b2) * gk;
-                        }
-                    })?;
-                }
-            }
+                        a = b;
+                    }
+                })();
+            })?;
+            result?;
         }
         Ok(())
     }
 
-    /// A copy of the whole state.
-    pub fn export_state(&self) -> Result<OptimizerState> {
+    /// A copy of the whole state (read through the store; an offloading store drops each
+    /// tensor again after reading it).
+    pub fn export_state(&mut self) -> Result<OptimizerState> {
         let mut buffers = BTreeMap::new();
         for (i, p) in self.params.iter().enumerate() {
             for (s, slot) in self.kind.slot_names().iter().enumerate() {
@@ -391,6 +563,7 @@ impl Optimizer {
                 buffers.insert(format!("{}.{slot}", p.name), (p.shape.clone(), v));
             }
         }
+        self.evict_all()?;
         Ok(OptimizerState {
             t: self.t,
             kind: self.kind,
@@ -430,8 +603,75 @@ impl Optimizer {
                 }
                 dst.copy_from_slice(v);
             }
+            drop(slots);
+            self.store.evict(i)?;
         }
         self.t = state.t;
+        Ok(())
+    }
+
+    fn evict_all(&mut self) -> Result<()> {
+        for i in 0..self.params.len() {
+            self.store.evict(i)?;
+        }
+        Ok(())
+    }
+
+    /// Where the state lives.
+    pub fn state_location(&self) -> StateLocation {
+        self.store.location()
+    }
+
+    /// A rollback point: kept by the store when it can (disk offload: a copy of its files,
+    /// not in RAM), otherwise an exported copy in RAM.
+    pub fn snapshot(&mut self) -> Result<OptimizerSnapshot> {
+        if self.store.save_snapshot()? {
+            Ok(OptimizerSnapshot::InStore { t: self.t })
+        } else {
+            Ok(OptimizerSnapshot::Ram(Arc::new(self.export_state()?)))
+        }
+    }
+
+    /// Goes back to a rollback point made by [`Optimizer::snapshot`] (with this store).
+    pub fn restore(&mut self, snap: &OptimizerSnapshot) -> Result<()> {
+        match snap {
+            OptimizerSnapshot::Ram(s) => self.import_state(s),
+            OptimizerSnapshot::InStore { t } => {
+                self.store.restore_snapshot()?;
+                self.t = *t;
+                Ok(())
+            }
+        }
+    }
+
+    /// The state of a snapshot just taken, as a checkpoint needs it: the snapshot itself
+    /// when it is in RAM, else an export of the live state (equal to it until the next
+    /// update).
+    pub fn checkpoint_state(&mut self, snap: &OptimizerSnapshot) -> Result<Arc<OptimizerState>> {
+        match snap {
+            OptimizerSnapshot::Ram(s) => Ok(s.clone()),
+            OptimizerSnapshot::InStore { .. } => Ok(Arc::new(self.export_state()?)),
+        }
+    }
+
+    /// Moves the state into `store` (e.g. RAM → disk when memory runs short), one tensor at
+    /// a time; the old store is dropped (a disk store removes its files). Call it between
+    /// steps; a rollback snapshot taken before refers to the old store, so take a new one.
+    pub fn set_store(&mut self, mut store: Box<dyn StateStore>) -> Result<()> {
+        let slots = self.kind.slot_names().len();
+        for (i, p) in self.params.iter().enumerate() {
+            let len = p.shape.iter().product();
+            store.allocate(i, slots, len)?;
+            let mut dst = store.slots_mut(i)?;
+            for (s, d) in dst.iter_mut().enumerate() {
+                d.copy_from_slice(self.store.slot(i, s)?);
+            }
+            drop(dst);
+            store.evict(i)?;
+            self.store.evict(i)?;
+        }
+        tracing::info!(from = ?self.store.location(), to = ?store.location(), "optimizer state moved");
+        self.store = store;
         Ok(())
     }
 }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{self, CheckpointData};
 use crate::guards::{SpikeDetector, clip_factor, sum_squares};
 use crate::objective::{CausalLm, Objective};
-use crate::optim::{Optimizer, OptimizerState};
+use crate::optim::{Optimizer, OptimizerSnapshot};
 use crate::schedule::Schedule;
 use crate::tensors::{set_var, to_vec_f32, with_f32};
 use crate::{Error, Result};
@@ -319,7 +319,8 @@ struct Snapshot {
     tokens_seen: u64,
     /// Weights by name, shared with the checkpoint writer (no second copy).
     weights: Arc<crate::checkpoint::NamedBuffers>,
-    optimizer: Arc<OptimizerState>,
+    /// In RAM, or kept by an offloading state store in its files.
+    optimizer: OptimizerSnapshot,
     cursor: Cursor,
     detector: Option<SpikeDetector>,
 }
@@ -469,6 +470,25 @@ impl<M: TrainModel> Trainer<M> {
         &self.opts
     }
 
+    /// The optimizer.
+    pub fn optimizer(&self) -> &Optimizer {
+        &self.optimizer
+    }
+
+    /// Moves the optimizer state into `store` between steps (the memory controller turns
+    /// disk offload on or off with it) and retakes the rollback snapshot, so no copy of the
+    /// state stays in the old place. Updates are bitwise the same in either store; the
+    /// rollback point moves to the current step.
+    pub fn set_optimizer_store(&mut self, store: Box<dyn crate::optim::StateStore>) -> Result<()> {
+        // The old snapshot may live in the old store: drop it before the store goes.
+        let had_snapshot = self.snapshot.take().is_some();
+        self.optimizer.set_store(store)?;
+        if had_snapshot {
+            self.snapshot = Some(self.capture()?);
+        }
+        Ok(())
+    }
+
     /// Restores the newest valid checkpoint, if any; returns its step. Invalid checkpoints
     /// are skipped with a warning; a checkpoint written with another thread count is used
     /// with a warning (results may then differ in the last bits).
@@ -527,7 +547,7 @@ impl<M: TrainModel> Trainer<M> {
         Ok(())
     }
 
-    fn capture(&self) -> Result<Snapshot> {
+    fn capture(&mut self) -> Result<Snapshot> {
         let mut weights = BTreeMap::new();
         for (n, v) in self.names.iter().zip(&self.vars) {
             weights.insert(
@@ -539,7 +559,7 @@ impl<M: TrainModel> Trainer<M> {
             step: self.state.step,
             tokens_seen: self.state.tokens_seen,
             weights: Arc::new(weights),
-            optimizer: Arc::new(self.optimizer.export_state()?),
+            optimizer: self.optimizer.snapshot()?,
             cursor: self.loader.cursor(),
             detector: self.state.detector.clone(),
         })
@@ -557,7 +577,7 @@ impl<M: TrainModel> Trainer<M> {
             })?;
             set_var(n, v, p)?;
         }
-        self.optimizer.import_state(&s.optimizer)?;
+        self.optimizer.restore(&s.optimizer)?;
         self.loader.restore(&s.cursor)?;
         let from = self.state.step;
         self.state.step = s.step;
@@ -963,7 +983,7 @@ impl<M: TrainModel> Trainer<M> {
         let data = CheckpointData {
             step: self.state.step,
             weights: snap.weights.clone(),
-            optimizer: snap.optimizer.clone(),
+            optimizer: self.optimizer.checkpoint_state(&snap.optimizer)?,
             trainer_json: serde_json::to_vec_pretty(&self.state).map_err(|source| Error::Json {
                 what: "trainer.json",
                 source,

@@ -8,6 +8,7 @@ mod tests {
     mod guards;
     mod loop_;
     mod lora;
+    mod offload;
     mod optim;
     mod resume;
 }

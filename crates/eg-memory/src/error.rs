@@ -221,6 +221,49 @@ pub enum Error {
         /// The text that did not parse (shortened).
         found: String,
     },
+    /// An optimizer-state offload file or directory could not be created, mapped, written
+    /// or removed.
+    #[error("optimizer-state offload: cannot {action} {}: {source}", path.display())]
+    Offload {
+        /// The file or directory.
+        path: PathBuf,
+        /// What was being done.
+        action: &'static str,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The offload directory's disk cannot hold the optimizer state.
+    #[error(
+        "optimizer-state offload: no space for {}: {} needed (including the free-space margin), {} available; free space or point memory.offload_dir at a bigger disk",
+        path.display(),
+        HumanBytes(*needed),
+        HumanBytes(*available)
+    )]
+    OffloadNoSpace {
+        /// The file that could not be allocated.
+        path: PathBuf,
+        /// Bytes needed.
+        needed: u64,
+        /// Bytes free.
+        available: u64,
+    },
+    /// A setting needs a cargo feature this build does not have.
+    #[error("{what} needs the `{feature}` feature; rebuild with `--features {feature}`")]
+    FeatureDisabled {
+        /// The setting.
+        what: &'static str,
+        /// The feature.
+        feature: &'static str,
+    },
+    /// Something that is not built yet.
+    #[error("{what} is not supported yet (issue #{issue})")]
+    Unsupported {
+        /// What.
+        what: &'static str,
+        /// The issue that tracks it.
+        issue: u32,
+    },
 }
 
 /// Result alias of this crate.

@@ -90,6 +90,7 @@ pub mod controller;
 mod error;
 pub mod footprint;
 pub mod live;
+pub mod offload;
 pub mod planner;
 pub mod pressure;
 
