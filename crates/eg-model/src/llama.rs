@@ -309,6 +309,43 @@ impl Llama {
         ids: &Tensor,
         positions: Option<&Tensor>,
     ) -> Result<Tensor> {
+        self.forward_impl(ids, positions, None)
+    }
+
+    /// Logits for packed rows: RoPE `positions` (`[batch, seq]`) restart at every document,
+    /// and attention is causal *and* block-diagonal: a token sees only earlier tokens of its
+    /// own document (`doc_ids`, one per position, row-major), so packed documents do not see
+    /// each other. Runs the chunked attention kernel, which takes document masks; a sliding
+    /// window together with document masks is [`Error::Unsupported`].
+    pub fn forward_packed(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        doc_ids: &[u32],
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if doc_ids.len() != b * t {
+            return Err(Error::ShapeMismatch {
+                tensor: "doc_ids".to_string(),
+                expected: vec![b, t],
+                found: vec![doc_ids.len()],
+            });
+        }
+        if self.cfg.attention_window().is_some_and(|w| w < t) {
+            return Err(Error::Unsupported {
+                what: "document masks together with a sliding attention window",
+                issue: 6,
+            });
+        }
+        self.forward_impl(ids, Some(positions), Some(Arc::new(doc_ids.to_vec())))
+    }
+
+    fn forward_impl(
+        &self,
+        ids: &Tensor,
+        positions: Option<&Tensor>,
+        docs: Option<Arc<Vec<u32>>>,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if t == 0 || t > self.cfg.max_position_embeddings {
             return Err(Error::SequenceTooLong {
@@ -362,19 +399,27 @@ impl Llama {
                     index: i,
                     cos: cos.clone(),
                     sin: sin.clone(),
+                    docs: docs.clone(),
                 };
                 x = checkpointing::checkpoint(Box::new(block), &x, params, dropout)?;
             }
         } else {
             for layer in &self.layers {
-                x = self.layer_forward(layer, &x, &cos, &sin)?;
+                x = self.layer_forward(layer, &x, &cos, &sin, docs.as_deref())?;
             }
         }
         let x = ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
         self.lm_head.forward(&x)
     }
 
-    fn layer_forward(&self, l: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    fn layer_forward(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        docs: Option<&Vec<u32>>,
+    ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (b, t, _) = x.dims3()?;
         let nh = cfg.num_attention_heads;
@@ -392,7 +437,14 @@ impl Llama {
         let q = ops::rope(&q, cos, sin, RopeLayout::HalfSplit)?;
         let k = ops::rope(&k, cos, sin, RopeLayout::HalfSplit)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let attn = if self.attention.use_chunked(t, cfg.attention_window()) {
+        let attn = if let Some(d) = docs {
+            let mask = AttentionMask {
+                causal: true,
+                key_valid: None,
+                doc_ids: Some(d.clone()),
+            };
+            chunked_attention(&q, &k, &v, &mask, scale)?
+        } else if self.attention.use_chunked(t, cfg.attention_window()) {
             chunked_attention(&q, &k, &v, &AttentionMask::causal(), scale)?
         } else {
             // Grouped-query attention without copying K/V: the `rep` query heads that share
@@ -432,6 +484,8 @@ struct LlamaBlock {
     index: usize,
     cos: Tensor,
     sin: Tensor,
+    /// Document ids of a packed forward ([`Llama::forward_packed`]).
+    docs: Option<Arc<Vec<u32>>>,
 }
 
 impl Block for LlamaBlock {
@@ -443,7 +497,8 @@ impl Block for LlamaBlock {
             .ok_or_else(|| Error::MissingTensors {
                 names: vec![format!("model.layers.{}", self.index)],
             })?;
-        self.model.layer_forward(layer, x, &self.cos, &self.sin)
+        self.model
+            .layer_forward(layer, x, &self.cos, &self.sin, self.docs.as_deref())
     }
 }
 

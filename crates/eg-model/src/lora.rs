@@ -286,6 +286,9 @@ pub(crate) struct DropoutState {
     seed: u64,
     calls: AtomicU64,
     training: AtomicBool,
+    /// Adapters skipped in the forward: the model computes its frozen base alone (DPO's
+    /// reference model without a second copy).
+    disabled: AtomicBool,
 }
 
 /// What a model with adapters remembers about them.
@@ -400,7 +403,9 @@ impl Proj {
         let rows = x.elem_count() / inn.max(1);
         let x2 = x.reshape((rows, inn))?.contiguous()?;
         let mut y = frozen_linear(&x2, weight, bias.as_ref())?;
-        if let (Some(ad), false) = (adapter, merged) {
+        if let (Some(ad), false) = (adapter, merged)
+            && !ad.dropout.disabled.load(Ordering::Relaxed)
+        {
             let h = ad.dropout_input(&x2)?;
             // Adapters are f32 master weights; cast to the activation's dtype at use.
             let dt = h.dtype();
@@ -839,6 +844,7 @@ pub(crate) fn inject(
         seed,
         calls: AtomicU64::new(0),
         training: AtomicBool::new(true),
+        disabled: AtomicBool::new(false),
     });
     let mut params = ParamStore::new();
     let scale = cfg.scaling();
@@ -1064,6 +1070,31 @@ impl Llama {
         if let Some(l) = &self.lora {
             l.dropout.training.store(training, Ordering::Relaxed);
         }
+    }
+
+    /// Turns the adapters off (the forward computes the frozen base alone, e.g. as DPO's
+    /// reference model, with no second copy of the weights) or back on. Fails without
+    /// adapters, or while they are merged into the base (the base then includes them).
+    pub fn set_adapters_enabled(&self, enabled: bool) -> Result<()> {
+        let l = self.lora.as_ref().ok_or(Error::LoraState {
+            op: "set_adapters_enabled",
+            reason: "the model has no adapters",
+        })?;
+        if l.merged {
+            return Err(Error::LoraState {
+                op: "set_adapters_enabled",
+                reason: "the adapters are merged into the base",
+            });
+        }
+        l.dropout.disabled.store(!enabled, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether the adapters run in the forward (false without adapters).
+    pub fn adapters_enabled(&self) -> bool {
+        self.lora
+            .as_ref()
+            .is_some_and(|l| !l.merged && !l.dropout.disabled.load(Ordering::Relaxed))
     }
 
     /// Bytes held by the frozen base: dense tensors at their dtype, quantized matrices at

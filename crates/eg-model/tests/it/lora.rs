@@ -417,3 +417,30 @@ fn lora_dropout_is_seeded_and_changes_per_call() {
     assert!(max_abs_diff(&a1, &a2) > 0.0, "a new mask per forward call");
     assert_eq!(max_abs_diff(&a2, &b.forward(&ids).unwrap()), 0.0);
 }
+
+/// DPO's reference without a second copy (issue 6): with the adapters disabled the model
+/// computes its frozen base exactly; enabling them restores the adapted function.
+#[test]
+fn disabled_adapters_compute_the_base_model() {
+    let cfg = LlamaConfig::tiny_for_tests();
+    let base = Llama::init(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
+    let ids = batch(&cfg, 2, 8, 5);
+    let want = base.forward(&ids).unwrap();
+    let m = base
+        .with_lora(&LoraConfig::rank(2).targets(["all-linear"]), 7)
+        .unwrap();
+    randomise_b(&m);
+    let adapted = m.forward(&ids).unwrap();
+    assert!(max_abs_diff(&adapted, &want) > 1e-4);
+    assert!(m.adapters_enabled());
+    m.set_adapters_enabled(false).unwrap();
+    assert!(!m.adapters_enabled());
+    assert_eq!(max_abs_diff(&m.forward(&ids).unwrap(), &want), 0.0);
+    m.set_adapters_enabled(true).unwrap();
+    assert_eq!(max_abs_diff(&m.forward(&ids).unwrap(), &adapted), 0.0);
+    let plain = Llama::init(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
+    assert!(matches!(
+        plain.set_adapters_enabled(false),
+        Err(Error::LoraState { .. })
+    ));
+}
