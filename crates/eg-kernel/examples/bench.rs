@@ -69,7 +69,7 @@ fn loss_of(m: &Llama, b: &eg_data::Batch) -> Tensor {
 }
 
 /// forward, backward, candle_nn::AdamW.
-fn bare_candle() -> f64 {
+fn bare_candle(steps: u64) -> (f64, f64) {
     let m = model();
     let mut l = loader();
     let mut opt = candle_nn::AdamW::new(
@@ -86,17 +86,18 @@ fn bare_candle() -> f64 {
     let b = l.next_batch().unwrap().unwrap();
     let g = loss_of(&m, &b).backward().unwrap();
     opt.step(&g).unwrap();
-    let t = Instant::now();
-    for _ in 0..STEPS {
+    let (t, c) = (Instant::now(), cpu_secs());
+    for _ in 0..steps {
         let b = l.next_batch().unwrap().unwrap();
         let g = loss_of(&m, &b).backward().unwrap();
         opt.step(&g).unwrap();
     }
-    t.elapsed().as_secs_f64() / STEPS as f64
+    per_step(t, c, steps)
 }
 
-/// forward, backward, this crate's in-place AdamW: no guards, no accumulation.
-fn bare_inplace() -> f64 {
+/// forward, backward, this crate's in-place AdamW reading candle's gradients where they lie:
+/// no guards, no accumulation, no copy.
+fn bare_inplace(steps: u64) -> (f64, f64) {
     let m = model();
     let mut l = loader();
     let named = m.named_params();
@@ -109,25 +110,30 @@ fn bare_inplace() -> f64 {
     let mut step = |l: &mut Loader| {
         let b = l.next_batch().unwrap().unwrap();
         let g = loss_of(&m, &b).backward().unwrap();
-        let grads: Vec<Vec<f32>> = vars
+        // The update reads candle's gradient storage directly: no copy.
+        let ts: Vec<Tensor> = vars
             .iter()
-            .map(|v| {
-                g.get(v.as_tensor())
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap()
+            .map(|v| g.get(v.as_tensor()).unwrap().contiguous().unwrap())
+            .collect();
+        let locked: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+        let grads: Vec<&[f32]> = locked
+            .iter()
+            .map(|(s, l)| match &**s {
+                candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
+                    let (a, b) = l.contiguous_offsets().unwrap();
+                    &v[a..b]
+                }
+                _ => panic!("not f32 on the CPU"),
             })
             .collect();
         opt.step(&vars, &grads, 1e-3, 1.0).unwrap();
     };
     step(&mut l);
-    let t = Instant::now();
-    for _ in 0..STEPS {
+    let (t, c) = (Instant::now(), cpu_secs());
+    for _ in 0..steps {
         step(&mut l);
     }
-    t.elapsed().as_secs_f64() / STEPS as f64
+    per_step(t, c, steps)
 }
 
 fn trainer_opts(steps: u64) -> TrainerOptions {
@@ -146,11 +152,14 @@ fn trainer_opts(steps: u64) -> TrainerOptions {
 
 /// The guarded trainer (coverage, sanitizer, clipping, spike detection), one warm-up step
 /// not counted.
-fn guarded() -> f64 {
-    struct Times(Arc<std::sync::Mutex<Vec<f64>>>);
+fn guarded(steps: u64) -> (f64, f64) {
+    /// The clock and CPU time when the warm-up step ended.
+    struct Times(Arc<std::sync::Mutex<Option<(Instant, f64)>>>);
     impl eg_kernel::Callback for Times {
         fn on_step_end(&mut self, m: &eg_kernel::StepMetrics) {
-            self.0.lock().unwrap().push(m.step_secs);
+            if m.step == 1 {
+                *self.0.lock().unwrap() = Some((Instant::now(), cpu_secs()));
+            }
         }
     }
     let m = model();
@@ -160,14 +169,20 @@ fn guarded() -> f64 {
         .map(|(n, v)| (n.clone(), v.dims().to_vec()))
         .collect();
     let opt = Optimizer::new(kind(), 0.01, &shapes).unwrap();
-    let mut t = Trainer::new(m, opt, loader(), trainer_opts(1 + STEPS)).unwrap();
-    let times = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut t = Trainer::new(m, opt, loader(), trainer_opts(1 + steps)).unwrap();
+    let times = Arc::new(std::sync::Mutex::new(None));
     t.add_callback(Box::new(Times(times.clone())));
-    let start = Instant::now();
     t.fit().unwrap();
-    let total = start.elapsed().as_secs_f64();
-    let first = times.lock().unwrap().first().copied().unwrap_or(0.0);
-    (total - first) / STEPS as f64
+    let (t0, c0) = times.lock().unwrap().unwrap();
+    per_step(t0, c0, steps)
+}
+
+/// (wall, CPU) seconds per step since `t0` / `c0`.
+fn per_step(t0: Instant, c0: f64, steps: u64) -> (f64, f64) {
+    (
+        t0.elapsed().as_secs_f64() / steps as f64,
+        (cpu_secs() - c0) / steps as f64,
+    )
 }
 
 /// Background checkpoint: how long the loop is blocked vs how long the write takes.
@@ -213,21 +228,85 @@ fn checkpoint_stall() -> (f64, f64, u64) {
     (stall, save, bytes)
 }
 
-/// CPU seconds (user + system) of this process so far, from `/proc/self/stat` (Linux).
+/// CPU seconds (user + system) of this process so far (`getrusage`, all threads).
 fn cpu_secs() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // fields 14 and 15 of the stat line (utime, stime) are at 11 and 12 after the name
-    (tick(11) + tick(12)) / 100.0
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid, writable rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return f64::NAN;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    tv(u.ru_utime) + tv(u.ru_stime)
 }
 
-/// (wall s/step, CPU s/step) of a variant; the CPU figure includes the warm-up step.
-fn timed(f: fn() -> f64) -> (f64, f64) {
-    let c0 = cpu_secs();
-    let wall = f();
-    (wall, (cpu_secs() - c0) / (STEPS + 1) as f64)
+/// (wall s/step, CPU s/step) of a variant over `STEPS` steps after a warm-up step, run in a
+/// fresh process so no variant inherits another's heap.
+fn timed(v: &str) -> (f64, f64) {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["run", v, &STEPS.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "bench run {v} failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let f: Vec<f64> = text
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (f[0], f[1])
+}
+
+fn variant(name: &str) -> fn(u64) -> (f64, f64) {
+    match name {
+        "candle" => bare_candle,
+        "bare" => bare_inplace,
+        "guarded" => guarded,
+        _ => panic!("unknown variant {name}: candle, bare or guarded"),
+    }
+}
+
+/// Instructions executed by `bench run <variant> <steps>` under callgrind (one compute
+/// thread, so no spinning worker inflates the count).
+fn callgrind_instructions(variant: &str, steps: u64) -> u64 {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cg.out");
+    let exe = std::env::current_exe().unwrap();
+    let status = std::process::Command::new("valgrind")
+        .arg("--tool=callgrind")
+        .arg(format!("--callgrind-out-file={}", out.display()))
+        .arg(&exe)
+        .args(["run", variant, &steps.to_string()])
+        .env("RAYON_NUM_THREADS", "1")
+        .env("CANDLE_NUM_THREADS", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("valgrind not found: apt-get install valgrind");
+    assert!(status.success(), "callgrind run failed");
+    let text = std::fs::read_to_string(&out).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("summary:").or_else(|| l.strip_prefix("totals:")))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("no instruction total in the callgrind output")
+}
+
+/// Per-step instructions of each variant: (I(1 + n) − I(1)) / n, so model set-up, the
+/// warm-up step and the trainer's one-off snapshot cancel out.
+fn instructions() {
+    let n = 2;
+    let mut per = Vec::new();
+    for v in ["bare", "guarded"] {
+        let one = callgrind_instructions(v, 1);
+        let more = callgrind_instructions(v, 1 + n);
+        let p = (more - one) as f64 / n as f64;
+        println!("instructions per step, {v}: {:.4e} (1 step: {one}, {} steps: {more})", p, 1 + n);
+        per.push(p);
+    }
+    println!(
+        "instructions: guarded Trainer vs bare in-place loop: {:+.2}%",
+        100.0 * (per[1] / per[0] - 1.0)
+    );
 }
 
 fn disk_bandwidth(bytes: usize) -> f64 {
@@ -243,6 +322,20 @@ fn disk_bandwidth(bytes: usize) -> f64 {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        // One variant, for profilers: `bench run guarded 3`.
+        Some("run") => {
+            let steps = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(STEPS);
+            let v = args.get(1).map(String::as_str).unwrap_or("guarded");
+            let (wall, cpu) = variant(v)(steps);
+            println!("{wall:.6} {cpu:.6} (wall and CPU s/step of {v})");
+            return;
+        }
+        Some("instructions") => return instructions(),
+        Some("checkpoint") => return checkpoint_report(),
+        _ => {}
+    }
     let n = model().params().num_elements();
     println!(
         "model: {:.2}M parameters, batch {ROWS}x{SEQ}, {} threads, {STEPS} timed steps per run",
@@ -251,8 +344,14 @@ fn main() {
     );
     let rounds = 3;
     let mut sums = [(0.0, 0.0); 3];
+    let names = ["candle", "bare", "guarded"];
     for round in 0..rounds {
-        let r = [timed(bare_candle), timed(bare_inplace), timed(guarded)];
+        // Each variant in its own process, the order rotated every round.
+        let mut r = [(0.0, 0.0); 3];
+        for k in 0..3 {
+            let i = (k + round) % 3;
+            r[i] = timed(names[i]);
+        }
         println!(
             "round {round}: wall s/step (CPU s/step): bare candle_nn::AdamW {:.3} ({:.3}) | bare in-place AdamW {:.3} ({:.3}) | guarded Trainer {:.3} ({:.3})",
             r[0].0, r[0].1, r[1].0, r[1].1, r[2].0, r[2].1
@@ -268,6 +367,10 @@ fn main() {
         100.0 * (sums[2].1 / sums[1].1 - 1.0),
         100.0 * (sums[0].0 / sums[1].0 - 1.0),
     );
+    checkpoint_report();
+}
+
+fn checkpoint_report() {
     let (stall, save, bytes) = checkpoint_stall();
     let bw = disk_bandwidth(bytes as usize);
     println!(

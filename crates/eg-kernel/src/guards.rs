@@ -4,12 +4,28 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-/// Sum of squares of `g` in f64 (NaN or infinite when `g` holds a non-finite value).
+/// Sum of squares of `g` in f64 (NaN or infinite when `g` holds a non-finite value, so this
+/// one pass is both the global-norm term and the finiteness check).
+///
+/// Eight independent f64 partial sums (one per lane, squares of f32 values are exact in
+/// f64 and cannot overflow) let the compiler vectorise the loop; they are added in a fixed
+/// order, so the result depends on nothing but the data.
 pub fn sum_squares(g: &[f32]) -> f64 {
-    // Sum in fixed-size chunks so the result does not depend on anything but the data.
-    g.chunks(4096)
-        .map(|c| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())
-        .sum()
+    const LANES: usize = 8;
+    let mut acc = [0.0f64; LANES];
+    let chunks = g.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            let x = f64::from(x);
+            *a += x * x;
+        }
+    }
+    let mut rest = 0.0f64;
+    for &x in tail {
+        rest += f64::from(x) * f64::from(x);
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + rest
 }
 
 /// The factor gradients are multiplied by so their global L2 norm is at most `max_norm`.
@@ -111,5 +127,18 @@ mod tests {
         assert_eq!(clip_factor(4.0, None), 1.0);
         assert_eq!(sum_squares(&[3.0, 4.0]), 25.0);
         assert!(sum_squares(&[f32::NAN]).is_nan());
+        // every position of the 8 lanes and the tail is checked
+        for n in [1usize, 7, 8, 9, 17, 1000] {
+            for bad in [0, n / 2, n - 1] {
+                let mut v = vec![0.5f32; n];
+                v[bad] = f32::INFINITY;
+                assert!(!sum_squares(&v).is_finite(), "n {n} at {bad}");
+            }
+            let v: Vec<f32> = (0..n).map(|i| i as f32 * 0.25 - 3.0).collect();
+            let want: f64 = v.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+            assert!((sum_squares(&v) - want).abs() <= 1e-12 * want.max(1.0));
+        }
+        // the largest f32 squared does not overflow f64
+        assert!(sum_squares(&[f32::MAX, f32::MAX]).is_finite());
     }
 }

@@ -73,6 +73,7 @@ mod builder;
 pub mod checkpoint;
 mod error;
 pub mod fsio;
+mod grads;
 pub mod guards;
 pub mod objective;
 pub mod optim;

@@ -13,11 +13,12 @@ use eg_data::{Batch, Cursor, Loader, LoaderOptions, Placement, TokenDataset};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, CheckpointData};
-use crate::guards::{SpikeDetector, clip_factor, sum_squares};
+use crate::grads::Grads;
+use crate::guards::{SpikeDetector, clip_factor};
 use crate::objective::{CausalLm, Objective};
 use crate::optim::{Optimizer, OptimizerSnapshot};
 use crate::schedule::Schedule;
-use crate::tensors::{set_var, to_vec_f32, with_f32};
+use crate::tensors::{set_var, to_vec_f32};
 use crate::{Error, Result};
 
 /// What the trainer needs from a model: its trainable parameters and a forward pass.
@@ -339,7 +340,8 @@ pub struct Trainer<M: TrainModel> {
     stop: Arc<AtomicBool>,
     state: TrainerState,
     snapshot: Option<Snapshot>,
-    grads: Vec<Vec<f32>>,
+    /// Gradient sums of the current update (candle's own storage for one micro-batch).
+    grads: Grads,
     metrics: Option<std::fs::File>,
     pending: Option<JoinHandle<Result<PathBuf>>>,
     pending_step: u64,
@@ -391,7 +393,7 @@ impl<M: TrainModel> Trainer<M> {
             return Err(invalid("nan_skip_limit", "must be at least 1"));
         }
         let (names, vars): (Vec<String>, Vec<Var>) = model.named_params().into_iter().unzip();
-        let grads = vars.iter().map(|v| vec![0.0f32; v.elem_count()]).collect();
+        let grads = Grads::new(vars.iter().map(|v| v.elem_count()).collect());
         let detector = opts.spike.map(|(w, z)| SpikeDetector::new(w, z));
         Ok(Self {
             model,
@@ -732,7 +734,9 @@ impl<M: TrainModel> Trainer<M> {
             let norm = norm_sq.sqrt();
             let scale = clip_factor(norm, self.opts.clip_norm);
             let lr = self.opts.schedule.lr(step) * self.state.lr_scale;
-            self.optimizer.step(&self.vars, &self.grads, lr, scale)?;
+            let (optimizer, vars) = (&mut self.optimizer, &self.vars);
+            self.grads
+                .with_slices(&self.names, |g| optimizer.step(vars, g, lr, scale))??;
             self.state.step += 1;
             self.state.tokens_seen += batch.tokens as u64;
             if let Some(d) = &mut self.state.detector {
@@ -821,9 +825,7 @@ impl<M: TrainModel> Trainer<M> {
         let group = self.objective.row_group().max(1);
         let mb = self.opts.micro_batch_rows.div_ceil(group) * group;
         let total = self.objective.normaliser(batch)?;
-        for g in &mut self.grads {
-            g.fill(0.0);
-        }
+        self.grads.clear();
         self.step_extra.clear();
         if total <= 0.0 {
             return Ok((0.0, 0.0));
@@ -846,14 +848,7 @@ impl<M: TrainModel> Trainer<M> {
                 let mut missing = Vec::new();
                 for (i, (name, var)) in self.names.iter().zip(&self.vars).enumerate() {
                     match store.get(var.as_tensor()) {
-                        Some(g) => {
-                            let acc = &mut self.grads[i];
-                            with_f32(name, g, |g| {
-                                for (a, b) in acc.iter_mut().zip(g) {
-                                    *a += *b;
-                                }
-                            })?;
-                        }
+                        Some(g) => self.grads.add(i, name, g, var.as_tensor())?,
                         None if check => missing.push(name.clone()),
                         None => {}
                     }
@@ -867,7 +862,7 @@ impl<M: TrainModel> Trainer<M> {
             }
             r0 = r1;
         }
-        let norm_sq = self.grads.iter().map(|g| sum_squares(g)).sum();
+        let norm_sq = self.grads.sum_squares(&self.names)?;
         Ok((loss, norm_sq))
     }
 

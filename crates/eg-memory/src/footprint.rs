@@ -157,25 +157,12 @@ impl Precision {
         self != Precision::F32
     }
 
-    /// Resolves the configured precision: `auto` picks bf16 when the CPU has native bf16
-    /// (`avx512_bf16`, `amx_bf16`, or Arm `bf16`), else f32.
+    /// Resolves the configured precision for a CPU run with [`crate::precision::select`]
+    /// (no GEMM measurement): `auto` is f32 on a CPU unless measured bf16 is clearly faster,
+    /// which needs the figures ([`crate::precision`] says why).
     pub fn from_config(p: eg_config::wire::Precision, cpu_features: &[String]) -> Precision {
-        use eg_config::wire::Precision as P;
-        match p {
-            P::F32 => Precision::F32,
-            P::Bf16 => Precision::Bf16,
-            P::F16 => Precision::F16,
-            _ => {
-                let bf16 = cpu_features
-                    .iter()
-                    .any(|f| matches!(f.as_str(), "avx512_bf16" | "amx_bf16" | "bf16"));
-                if bf16 {
-                    Precision::Bf16
-                } else {
-                    Precision::F32
-                }
-            }
-        }
+        let facts = crate::precision::PrecisionFacts::cpu(cpu_features, None);
+        crate::precision::select(p, eg_config::wire::LossScale::Dynamic, &facts).precision
     }
 }
 
@@ -904,8 +891,13 @@ mod tests {
     #[test]
     fn precision_auto_follows_cpu() {
         use eg_config::wire::Precision as P;
+        // Native bf16 alone does not make candle's CPU bf16 faster (issue 8): f32.
         assert_eq!(
             Precision::from_config(P::Auto, &["avx512_bf16".into()]),
+            Precision::F32
+        );
+        assert_eq!(
+            Precision::from_config(P::Bf16, &["avx2".into()]),
             Precision::Bf16
         );
         assert_eq!(

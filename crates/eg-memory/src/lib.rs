@@ -92,6 +92,7 @@ pub mod footprint;
 pub mod live;
 pub mod offload;
 pub mod planner;
+pub mod precision;
 pub mod pressure;
 
 pub use controller::{Action, Controller, ControllerConfig, Decision};
@@ -103,6 +104,7 @@ pub use footprint::{
 pub use planner::{
     Budget, Candidate, OffloadChoice, Plan, PlanRequest, SpeedModel, Strategy, plan,
 };
+pub use precision::{ComputeDevice, GemmSpeeds, PrecisionChoice, PrecisionFacts, select};
 pub use pressure::{Level, PressureDetector, Reading, Thresholds};
 
 /// Bytes for people: binary units with one decimal (`355.3 MiB`), exact below 1 KiB.
