@@ -12,10 +12,12 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use crate::checkpointing::{self, CheckpointFlag};
 use crate::hf::{CONFIG, Weights, save_dir, torch_dtype};
 use crate::llama::Linear;
 use crate::lora::{LoraState, Proj};
@@ -199,6 +201,8 @@ pub struct Gpt2 {
     pub(crate) lm_head: Proj,
     /// Adapters ([`crate::lora`]); `None` for a fully trainable model.
     pub(crate) lora: Option<Box<LoraState>>,
+    /// Activation checkpointing of the blocks ([`crate::checkpointing`]).
+    checkpointing: CheckpointFlag,
 }
 
 impl Gpt2 {
@@ -290,6 +294,7 @@ impl Gpt2 {
             params,
             cfg: cfg.clone(),
             lora: None,
+            checkpointing: CheckpointFlag::default(),
         })
     }
 
@@ -341,6 +346,17 @@ impl Gpt2 {
         &self.params
     }
 
+    /// Turns activation checkpointing of every block on or off (default off); see
+    /// [`crate::Llama::set_activation_checkpointing`].
+    pub fn set_activation_checkpointing(&self, on: bool) {
+        self.checkpointing.set(on);
+    }
+
+    /// Whether activation checkpointing is on.
+    pub fn activation_checkpointing(&self) -> bool {
+        self.checkpointing.get()
+    }
+
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
@@ -358,30 +374,57 @@ impl Gpt2 {
         let tok = self.wte.index_select(&flat, 0)?.reshape((b, t, e))?;
         let pos = self.wpe.narrow(0, 0, t)?;
         let mut x = tok.broadcast_add(&pos)?;
+        if self.checkpointing.get() {
+            // One shallow copy (shared tensors) the blocks read again when recomputed.
+            let model = Arc::new(self.clone());
+            for i in 0..self.blocks.len() {
+                let prefix = format!("transformer.h.{i}.");
+                let params = self
+                    .params
+                    .iter()
+                    .filter(|(n, _)| n.starts_with(&prefix))
+                    .map(|(_, v)| v.as_tensor().clone())
+                    .collect();
+                let dropout = self.lora.as_ref().map(|l| l.dropout.clone());
+                let block = Gpt2Block {
+                    model: model.clone(),
+                    index: i,
+                };
+                x = checkpointing::checkpoint(Box::new(block), &x, params, dropout)?;
+            }
+        } else {
+            for blk in &self.blocks {
+                x = self.block_forward(blk, &x)?;
+            }
+        }
+        let eps = self.cfg.layer_norm_epsilon;
+        let x = ops::layer_norm(&x, &self.ln_f.0, &self.ln_f.1, eps)?;
+        self.lm_head.forward(&x)
+    }
+
+    /// One block: pre-norm attention and GELU MLP, each with a residual connection.
+    fn block_forward(&self, blk: &Block, x: &Tensor) -> Result<Tensor> {
+        let (b, t, e) = x.dims3()?;
         let eps = self.cfg.layer_norm_epsilon;
         let nh = self.cfg.n_head;
         let hd = e / nh;
-        for blk in &self.blocks {
-            let h = ops::layer_norm(&x, &blk.ln_1.0, &blk.ln_1.1, eps)?;
-            let qkv = blk.c_attn.forward(&h)?;
-            let heads = |i: usize| -> Result<Tensor> {
-                Ok(qkv
-                    .narrow(2, i * e, e)?
-                    .reshape((b, t, nh, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()?)
-            };
-            let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
-            let scores = q.matmul(&k.t()?)?;
-            let probs = ops::causal_softmax(&scores, 1.0 / (hd as f64).sqrt(), t, None)?;
-            let a = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, e))?;
-            x = (x + blk.attn_proj.forward(&a)?)?;
-            let h = ops::layer_norm(&x, &blk.ln_2.0, &blk.ln_2.1, eps)?;
-            let m = blk.c_fc.forward(&h)?.gelu()?;
-            x = (x + blk.mlp_proj.forward(&m)?)?;
-        }
-        let x = ops::layer_norm(&x, &self.ln_f.0, &self.ln_f.1, eps)?;
-        self.lm_head.forward(&x)
+        let h = ops::layer_norm(x, &blk.ln_1.0, &blk.ln_1.1, eps)?;
+        let qkv = blk.c_attn.forward(&h)?;
+        let heads = |i: usize| -> Result<Tensor> {
+            Ok(qkv
+                .narrow(2, i * e, e)?
+                .reshape((b, t, nh, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
+        let scores = q.matmul(&k.t()?)?;
+        let probs = ops::causal_softmax(&scores, 1.0 / (hd as f64).sqrt(), t, None)?;
+        let a = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, e))?;
+        let x = (x + blk.attn_proj.forward(&a)?)?;
+        let h = ops::layer_norm(&x, &blk.ln_2.0, &blk.ln_2.1, eps)?;
+        let m = blk.c_fc.forward(&h)?.gelu()?;
+        Ok((x + blk.mlp_proj.forward(&m)?)?)
     }
 
     /// Mean next-token cross entropy (see [`crate::Llama::next_token_loss`]).
@@ -393,6 +436,25 @@ impl Gpt2 {
     ) -> Result<Tensor> {
         let targets = ops::next_token_targets(labels, Some(-100), loss_mask)?;
         ops::cross_entropy(logits, &targets)
+    }
+}
+
+/// Block `index` of `model`, for [`checkpointing`].
+struct Gpt2Block {
+    model: Arc<Gpt2>,
+    index: usize,
+}
+
+impl checkpointing::Block for Gpt2Block {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let blk = self
+            .model
+            .blocks
+            .get(self.index)
+            .ok_or_else(|| Error::MissingTensors {
+                names: vec![format!("transformer.h.{}", self.index)],
+            })?;
+        self.model.block_forward(blk, x)
     }
 }
 

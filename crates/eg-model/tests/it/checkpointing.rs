@@ -231,3 +231,55 @@ fn inference_and_switching_between_steps() {
     assert!(m.activation_checkpointing());
     assert_eq!(bits(&m.forward(&ids).unwrap()), plain);
 }
+
+#[test]
+fn gpt2_gradients_are_bitwise_equal_full_and_lora() {
+    use eg_model::{Gpt2, Gpt2Config};
+    let cfg = Gpt2Config::tiny_for_tests();
+    let ids = Tensor::from_vec(
+        (0..18u32)
+            .map(|i| (i * 7 + 3) % cfg.vocab_size as u32)
+            .collect(),
+        (2, 9),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let full = Gpt2::init(&cfg, 4, DType::F32, &Device::Cpu).unwrap();
+    let lora = LoraConfig::rank(2).alpha(4.0).targets(["all-linear"]);
+    let adapted = Gpt2::init(&cfg, 4, DType::F32, &Device::Cpu)
+        .unwrap()
+        .with_lora(&lora, 2)
+        .unwrap();
+    for (i, (name, var)) in adapted.params().iter().enumerate() {
+        if name.ends_with("lora_B.weight") {
+            var.set(&(rand_t(300 + i as u64, var.dims(), DType::F32) * 0.05).unwrap())
+                .unwrap();
+        }
+    }
+    for (what, m) in [("gpt2", &full), ("gpt2 lora", &adapted)] {
+        let pass = |on: bool| {
+            m.set_activation_checkpointing(on);
+            let logits = m.forward(&ids).unwrap();
+            let loss = m.next_token_loss(&logits, &ids, None).unwrap();
+            let g = loss.backward().unwrap();
+            let grads: Vec<(String, Vec<u32>)> = m
+                .params()
+                .iter()
+                .map(|(n, v)| {
+                    let gv = g
+                        .get(v.as_tensor())
+                        .unwrap_or_else(|| panic!("{what}: {n} has no gradient"));
+                    (n.to_string(), bits(gv))
+                })
+                .collect();
+            (bits(&loss), grads)
+        };
+        let plain = pass(false);
+        let ckpt = pass(true);
+        assert!(m.activation_checkpointing());
+        assert_eq!(plain.0, ckpt.0, "{what}: loss");
+        for ((n, a), (_, b)) in plain.1.iter().zip(&ckpt.1) {
+            assert_eq!(a, b, "{what}: gradient of {n}");
+        }
+    }
+}
