@@ -29,6 +29,15 @@ pub trait TrainModel {
     fn logits(&self, ids: &Tensor) -> Result<Tensor>;
     /// Switches training-only behaviour (dropout) on or off; evaluation turns it off.
     fn set_training(&self, _training: bool) {}
+    /// Turns activation checkpointing on or off from the next forward pass
+    /// (`memory.activation_checkpointing`, or a memory controller between steps). Models
+    /// without it return [`Error::Unsupported`].
+    fn set_activation_checkpointing(&self, _on: bool) -> Result<()> {
+        Err(Error::Unsupported {
+            what: "activation checkpointing for this model",
+            issue: 8,
+        })
+    }
     /// Logits for packed rows: `positions` (`[batch, seq]` u32) restart at every document and
     /// attention stays inside a document (`doc_ids`, one per position, row-major). Models
     /// without block-diagonal attention return [`Error::Unsupported`].
@@ -59,6 +68,11 @@ impl TrainModel for eg_model::Llama {
 
     fn set_training(&self, training: bool) {
         self.set_lora_training(training);
+    }
+
+    fn set_activation_checkpointing(&self, on: bool) -> Result<()> {
+        eg_model::Llama::set_activation_checkpointing(self, on);
+        Ok(())
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod tests {
     mod builder;
+    mod checkpointing;
     mod checkpoints;
     pub(crate) mod common;
     mod guards;

@@ -1,0 +1,170 @@
+//! Peak RSS and step time of the ~110M Llama with and without activation checkpointing
+//! (issue 8), batch 4 × 512 tokens, f32, AdamW. One mode per process, so the peak RSS
+//! (`VmHWM`, reset after the model is built) is that mode's:
+//!
+//! ```text
+//! cargo build --release -p eg-kernel --example checkpointing_bench
+//! target/release/examples/checkpointing_bench plain trainer
+//! target/release/examples/checkpointing_bench ckpt trainer
+//! target/release/examples/checkpointing_bench plain bare
+//! target/release/examples/checkpointing_bench ckpt bare
+//! ```
+//!
+//! `trainer` runs eg-kernel's guarded [`Trainer`] as `eg train` does (f32 gradient
+//! accumulator, in-place AdamW, the rollback snapshot of weights and optimizer state, no
+//! spike detector, no checkpoints on disk). `bare` is the minimal loop: forward, backward, the
+//! gradients copied out of candle's store one tensor at a time, in-place AdamW; no snapshot.
+//! Optional arguments: steps (default 2), rows (4), sequence length (512).
+//!
+//! The model is the 110M configuration of `lora_bench`: hidden 768, 12 layers, 12 heads,
+//! intermediate 2048, vocabulary 32000, tied embeddings (109.5M parameters).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use eg_data::{InMemoryDataset, Loader, LoaderOptions, Placement};
+use eg_kernel::{Optimizer, OptimizerKind, Schedule, TrainModel, Trainer, TrainerOptions};
+use eg_model::{Llama, LlamaConfig};
+
+fn status_kb(key: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// User + system CPU seconds of this process.
+fn cpu_seconds() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let f: Vec<&str> = s
+        .rsplit_once(')')
+        .map_or("", |(_, r)| r)
+        .split_whitespace()
+        .collect();
+    let tick = 100.0;
+    let ut: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let st: f64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    (ut + st) / tick
+}
+
+fn load1() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let mode = args.get(1).cloned().unwrap_or_else(|| "ckpt".into());
+    let lp = args.get(2).cloned().unwrap_or_else(|| "trainer".into());
+    let steps: u64 = args.get(3).map_or(2, |s| s.parse().unwrap());
+    let rows: usize = args.get(4).map_or(4, |s| s.parse().unwrap());
+    let seq: usize = args.get(5).map_or(512, |s| s.parse().unwrap());
+    assert!(
+        matches!(mode.as_str(), "plain" | "ckpt"),
+        "mode: plain or ckpt"
+    );
+    assert!(
+        matches!(lp.as_str(), "trainer" | "bare"),
+        "loop: trainer or bare"
+    );
+    let cfg = LlamaConfig {
+        hidden_size: 768,
+        intermediate_size: 2048,
+        num_hidden_layers: 12,
+        num_attention_heads: 12,
+        num_key_value_heads: Some(12),
+        vocab_size: 32000,
+        max_position_embeddings: seq,
+        tie_word_embeddings: true,
+        ..LlamaConfig::tiny_for_tests()
+    };
+    let model = Llama::init(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
+    model.set_activation_checkpointing(mode == "ckpt");
+    let n_params = model.params().num_elements();
+    let after_build = status_kb("VmHWM:");
+    // Reset the peak (Linux: "5" to clear_refs) so the figure below is the training's own.
+    let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+    let docs = (0..2000u32).map(|i| {
+        (0..(50 + i % 700))
+            .map(|j| (i.wrapping_mul(2_654_435_761) ^ j.wrapping_mul(40_503)) % 31_000 + 1)
+            .collect::<Vec<u32>>()
+    });
+    let data = Arc::new(InMemoryDataset::from_docs(docs));
+    let lo = LoaderOptions {
+        seq_len: seq,
+        rows_per_step: rows,
+        eos_id: Some(0),
+        seed: 1,
+        ..LoaderOptions::default()
+    };
+    let mut loader = Loader::new(data, lo, Placement::SINGLE).unwrap();
+    let shapes: Vec<_> = model
+        .named_params()
+        .iter()
+        .map(|(n, v)| (n.clone(), v.dims().to_vec()))
+        .collect();
+    let kind = OptimizerKind::AdamW {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+    };
+    let mut opt = Optimizer::new(kind, 0.0, &shapes).unwrap();
+    let cpu0 = cpu_seconds();
+    let start = Instant::now();
+    let mut losses = Vec::new();
+    if lp == "trainer" {
+        let o = TrainerOptions {
+            max_steps: steps,
+            micro_batch_rows: rows,
+            schedule: Schedule::constant(1e-4),
+            spike: None,
+            ..TrainerOptions::default()
+        };
+        let mut t = Trainer::new(model, opt, loader, o).unwrap();
+        let r = t.fit().unwrap();
+        assert_eq!(r.steps, steps);
+        losses.push(r.last_loss.unwrap_or(f64::NAN));
+    } else {
+        let vars: Vec<_> = model.named_params().into_iter().map(|(_, v)| v).collect();
+        for _ in 0..steps {
+            let b = loader.next_batch().unwrap().unwrap();
+            let ids = Tensor::from_slice(&b.input_ids, (b.rows, b.seq_len), &Device::Cpu).unwrap();
+            let logits = model.forward(&ids).unwrap();
+            let loss = model.next_token_loss(&logits, &ids, None).unwrap();
+            losses.push(f64::from(loss.to_scalar::<f32>().unwrap()));
+            let mut store = loss.backward().unwrap();
+            drop((logits, loss));
+            let grads: Vec<Vec<f32>> = vars
+                .iter()
+                .map(|v| {
+                    let g = store
+                        .remove(v.as_tensor())
+                        .expect("every parameter has a gradient");
+                    g.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                })
+                .collect();
+            drop(store);
+            opt.step(&vars, &grads, 1e-4, 1.0).unwrap();
+        }
+    }
+    let secs = start.elapsed().as_secs_f64() / steps as f64;
+    let cpu = (cpu_seconds() - cpu0) / steps as f64;
+    println!(
+        "{mode} {lp}: {:.1}M parameters, batch {rows}x{seq}, {} threads, {steps} steps: \
+         {secs:.2} s/step wall, {cpu:.2} CPU s/step, peak RSS while training {:.0} MiB \
+         (peak reset: {reset}; peak while building {:.0} MiB), losses {losses:?}, load1 {}",
+        n_params as f64 / 1e6,
+        eg_kernel::compute_threads(),
+        status_kb("VmHWM:") as f64 / 1024.0,
+        after_build as f64 / 1024.0,
+        load1(),
+    );
+}
