@@ -57,10 +57,10 @@ pub use loader::{
 pub use reference::reference_markdown;
 pub use units::{ByteSize, ByteSizeError, Bytes, Ratio, SeqLen, Steps, Tokens};
 pub use validate::{
-    Augmentation, BatchConfig, CheckpointsConfig, Config, DataConfig, Device, DistConfig,
-    EvalConfig, ExportConfig, GuardsConfig, HardwareConfig, LoraConfig, MemoryConfig, MixSource,
-    ModelConfig, ModelSource, MonitorConfig, Offload, OptimizerConfig, PrecisionConfig, RunConfig,
-    ScheduleConfig, SpikeConfig, TrainConfig, check_log_filter,
+    Augmentation, BatchConfig, CheckpointsConfig, ClassificationConfig, Config, DataConfig, Device,
+    DistConfig, EvalConfig, ExportConfig, GuardsConfig, HardwareConfig, LoraConfig, MemoryConfig,
+    MixSource, ModelConfig, ModelSource, MonitorConfig, Offload, OptimizerConfig, PrecisionConfig,
+    RunConfig, ScheduleConfig, SpikeConfig, TrainConfig, check_log_filter,
 };
 pub use wire::WireConfig;
 

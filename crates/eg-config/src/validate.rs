@@ -318,6 +318,25 @@ pub struct EvalConfig {
     pub early_stopping_patience: Option<NonZeroU32>,
 }
 
+/// `[train.classification]`, validated.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ClassificationConfig {
+    /// Classification or embedding.
+    pub objective: EncoderObjective,
+    /// Number of classes, or `None` to take it from the data.
+    pub num_labels: Option<u32>,
+    /// Pooling before the classifier.
+    pub pooling: Pooling,
+    /// JSON field of the label (dotted path).
+    pub label_field: String,
+    /// JSON field of the positive text (dotted path).
+    pub positive_field: String,
+    /// Classifier dropout, in [0, 1).
+    pub dropout: Ratio,
+    /// Similarity scale of the embedding loss.
+    pub scale: f64,
+}
+
 /// `[train]`, validated.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct TrainConfig {
@@ -339,6 +358,8 @@ pub struct TrainConfig {
     pub checkpoints: CheckpointsConfig,
     /// Evaluation.
     pub eval: EvalConfig,
+    /// Classification and embedding settings.
+    pub classification: ClassificationConfig,
 }
 
 /// `[dist]`, validated.
@@ -749,6 +770,13 @@ pub(crate) fn validate(w: WireConfig, r: &Resolved) -> Result<Config, Error> {
     let tokenizer = d.tokenizer.as_ref().map(|p| c.path("data.tokenizer", p));
     let weight = c.float("data.weight", d.weight, 0.0, 1e9, false, false);
     let augment = augmentations(&mut c, "data.augment", &d.augment);
+    if !d.mix.is_empty() && d.source == DataSource::Embedded {
+        c.conflict(
+            "data.mix",
+            "data.source",
+            "mixed sources are tokenized like the main source, but the embedded corpus uses its own byte tokens; make the main source text, jsonl or tokens",
+        );
+    }
     let mut mix = Vec::new();
     for (i, m) in d.mix.iter().enumerate() {
         let key = format!("data.mix.{i}");
@@ -1040,6 +1068,27 @@ pub(crate) fn validate(w: WireConfig, r: &Resolved) -> Result<Config, Error> {
             "best-fit packing keeps documents whole for fine-tuning; pre-training uses packing = \"concat\"",
         );
     }
+    let cl = &t.classification;
+    c.non_empty("train.classification.label_field", &cl.label_field);
+    c.non_empty("train.classification.positive_field", &cl.positive_field);
+    let classification = ClassificationConfig {
+        objective: cl.objective,
+        num_labels: cl
+            .num_labels
+            .map(|n| c.u32("train.classification.num_labels", n, 2, 1_000_000)),
+        pooling: cl.pooling,
+        label_field: cl.label_field.clone(),
+        positive_field: cl.positive_field.clone(),
+        dropout: c.ratio("train.classification.dropout", cl.dropout, false, true),
+        scale: c.float(
+            "train.classification.scale",
+            cl.scale,
+            0.0,
+            1e4,
+            true,
+            false,
+        ),
+    };
     let train = TrainConfig {
         mode: t.mode,
         max_steps,
@@ -1050,6 +1099,7 @@ pub(crate) fn validate(w: WireConfig, r: &Resolved) -> Result<Config, Error> {
         guards,
         checkpoints,
         eval,
+        classification,
     };
 
     // dist

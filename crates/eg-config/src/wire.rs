@@ -109,6 +109,18 @@ choice!(
         Classification = "classification" } default Pretrain
 );
 choice!(
+    /// What `train.mode = "classification"` trains (encoders such as BERT).
+    EncoderObjective { /// A text and a label per record; cross entropy over the classes.
+        Classification = "classification", /// (anchor, positive) text pairs; in-batch negatives (sentence-transformers' MultipleNegativesRankingLoss).
+        Embedding = "embedding" } default Classification
+);
+choice!(
+    /// How an encoder's token states become one vector for the classifier.
+    Pooling { /// The first token (`[CLS]`) through BERT's pooler (Hugging Face's `BertForSequenceClassification`).
+        Cls = "cls", /// The mean over the non-padding tokens (sentence-transformers' pooling).
+        Mean = "mean" } default Mean
+);
+choice!(
     /// Optimizer.
     OptimizerKind { /// AdamW with decoupled weight decay.
         AdamW = "adamw", /// SGD with momentum.
@@ -793,6 +805,50 @@ impl Default for EvalWire {
     }
 }
 
+/// `[train.classification]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[serde(default, deny_unknown_fields)]
+pub struct ClassificationWire {
+    /// What to train.
+    pub objective: EncoderObjective,
+    /// Number of classes; unset: from the data (the number of class names, or the largest class id + 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        test,
+        proptest(strategy = "proptest::option::of(crate::wire::arb::int())")
+    )]
+    pub num_labels: Option<u64>,
+    /// Pooling before the classifier.
+    pub pooling: Pooling,
+    /// JSON field of the label: an integer class id or a class name (names get ids in sorted order, saved in `<run.dir>/labels.json`).
+    #[cfg_attr(test, proptest(strategy = "crate::wire::arb::text()"))]
+    pub label_field: String,
+    /// JSON field of the positive text for `objective = "embedding"` (the anchor is `data.field`).
+    #[cfg_attr(test, proptest(strategy = "crate::wire::arb::text()"))]
+    pub positive_field: String,
+    /// Dropout probability before the classifier, in [0, 1).
+    #[cfg_attr(test, proptest(strategy = "crate::wire::arb::float()"))]
+    pub dropout: f64,
+    /// Multiplier of the cosine similarities in the embedding loss (sentence-transformers: 20).
+    #[cfg_attr(test, proptest(strategy = "crate::wire::arb::float()"))]
+    pub scale: f64,
+}
+
+impl Default for ClassificationWire {
+    fn default() -> Self {
+        ClassificationWire {
+            objective: EncoderObjective::Classification,
+            num_labels: None,
+            pooling: Pooling::Mean,
+            label_field: "label".to_string(),
+            positive_field: "positive".to_string(),
+            dropout: 0.1,
+            scale: 20.0,
+        }
+    }
+}
+
 /// `[train]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
@@ -817,6 +873,8 @@ pub struct TrainWire {
     pub checkpoints: CheckpointsWire,
     /// Evaluation.
     pub eval: EvalWire,
+    /// Sequence classification and embedding fine-tuning (`mode = "classification"`).
+    pub classification: ClassificationWire,
 }
 
 impl Default for TrainWire {
@@ -831,6 +889,7 @@ impl Default for TrainWire {
             guards: GuardsWire::default(),
             checkpoints: CheckpointsWire::default(),
             eval: EvalWire::default(),
+            classification: ClassificationWire::default(),
         }
     }
 }

@@ -616,7 +616,7 @@ fn augmentation_probability_out_of_range_names_the_entry() {
 fn mixed_source_must_read_files() {
     let (e, _) = file_error(
         "run.toml",
-        "[[data.mix]]\nsource = \"embedded\"\npaths = [\"b.txt\"]\n",
+        "[data]\nsource = \"text\"\npaths = [\"a.txt\"]\n\n[[data.mix]]\nsource = \"embedded\"\npaths = [\"b.txt\"]\n",
     );
     let located = e.located().unwrap();
     assert_eq!(located.key, "data.mix.0.source", "{e}");
@@ -638,4 +638,17 @@ fn per_source_augmentations_validate() {
     assert_eq!(c.data.mix[0].weight, 1.0);
     assert_eq!(c.data.mix[0].augment[0].probability.get(), 0.5);
     assert_eq!(c.data.mix[0].augment[0].token, None);
+}
+
+#[test]
+fn mixing_into_the_embedded_corpus_is_a_conflict() {
+    let (e, _) = file_error(
+        "run.toml",
+        "[[data.mix]]\nsource = \"text\"\npaths = [\"b.txt\"]\n",
+    );
+    assert!(
+        e.to_string()
+            .contains("embedded corpus uses its own byte tokens"),
+        "{e}"
+    );
 }
