@@ -58,6 +58,17 @@ impl ControllerConfig {
     }
 }
 
+/// What the caller of [`Controller::observe_with`] knows beyond the pressure level.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Hints {
+    /// Do not grow now even after a stable period: the caller predicts the larger
+    /// strategy would not fit (the grow happens at the first observation without it).
+    pub block_grow: bool,
+    /// The caller predicts the shrink's effect (from the memory model) instead of waiting
+    /// for it to show in the readings: the cooldown does not apply.
+    pub immediate: bool,
+}
+
 /// What the controller changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "action")]
@@ -186,9 +197,68 @@ impl Controller {
         self.stable_ms
     }
 
+    /// The settings.
+    pub fn config(&self) -> &ControllerConfig {
+        &self.cfg
+    }
+
+    /// Forbids the steps the running job cannot take (a model without activation
+    /// checkpointing, no offload store): the controller skips them when shrinking.
+    pub fn restrict(&mut self, allow_checkpointing: bool, allow_offload: bool) {
+        self.cfg.allow_checkpointing &= allow_checkpointing;
+        self.cfg.allow_offload &= allow_offload;
+    }
+
+    /// The decisions taken so far.
+    pub fn decisions(&self) -> u64 {
+        self.decisions
+    }
+
+    /// The strategy the next grow would restore, if any shrink is left to undo.
+    pub fn peek_grow(&self) -> Option<Strategy> {
+        let mut s = self.current;
+        match self.undo.last()? {
+            Action::ShrinkMicroBatch { from, .. } => {
+                s.micro_batch = *from;
+                s.accumulation = self.cfg.global_sequences / from;
+            }
+            Action::EnableCheckpointing => s.checkpointing = false,
+            Action::EnableOffload => s.offload = OffloadKind::None,
+            _ => return None,
+        }
+        Some(s)
+    }
+
+    /// The strategy the next shrink would run, if any is left.
+    pub fn peek_shrink(&self) -> Option<Strategy> {
+        let mut s = self.current;
+        if s.micro_batch > 1 {
+            let half = s.micro_batch / 2;
+            let to = divisors(self.cfg.global_sequences)
+                .into_iter()
+                .filter(|d| *d <= half)
+                .max()
+                .unwrap_or(1);
+            s.micro_batch = to;
+            s.accumulation = self.cfg.global_sequences / to;
+        } else if self.cfg.allow_checkpointing && !s.checkpointing {
+            s.checkpointing = true;
+        } else if self.cfg.allow_offload && s.offload == OffloadKind::None {
+            s.offload = OffloadKind::Disk;
+        } else {
+            return None;
+        }
+        Some(s)
+    }
+
     /// Feeds the pressure level at time `at_ms`; returns a decision when the strategy
     /// changes (or, once per episode, [`Action::Exhausted`]).
     pub fn observe(&mut self, at_ms: u64, level: Level) -> Option<Decision> {
+        self.observe_with(at_ms, level, Hints::default())
+    }
+
+    /// [`Controller::observe`] with what the caller knows beyond the level (see [`Hints`]).
+    pub fn observe_with(&mut self, at_ms: u64, level: Level, hints: Hints) -> Option<Decision> {
         if level == Level::Normal {
             self.normal_since_ms.get_or_insert(at_ms);
             self.elevated_since_ms = None;
@@ -197,9 +267,10 @@ impl Controller {
             self.normal_since_ms = None;
             self.elevated_since_ms.get_or_insert(at_ms);
         }
-        let cooled = self
-            .last_change_ms
-            .is_none_or(|t| at_ms.saturating_sub(t) >= self.cfg.cooldown_ms);
+        let cooled = hints.immediate
+            || self
+                .last_change_ms
+                .is_none_or(|t| at_ms.saturating_sub(t) >= self.cfg.cooldown_ms);
         match level {
             Level::Critical if cooled => self.shrink(at_ms, level),
             Level::Elevated
@@ -218,7 +289,10 @@ impl Controller {
                     (Some(n), None) => n,
                     (None, _) => at_ms,
                 };
-                if !self.undo.is_empty() && at_ms.saturating_sub(quiet_from) >= self.stable_ms {
+                if !hints.block_grow
+                    && !self.undo.is_empty()
+                    && at_ms.saturating_sub(quiet_from) >= self.stable_ms
+                {
                     self.grow(at_ms, level)
                 } else {
                     None
@@ -423,6 +497,47 @@ mod tests {
         // Checkpointing was already on in the plan: offload is next.
         let d = c.observe(6_000, Level::Critical).unwrap();
         assert_eq!(d.action, Action::EnableOffload);
+    }
+
+    #[test]
+    fn hints_block_grow_and_skip_cooldown() {
+        let mut c = ctl();
+        let now = Hints {
+            immediate: true,
+            ..Hints::default()
+        };
+        assert!(c.observe_with(0, Level::Critical, now).is_some());
+        assert_eq!(c.peek_shrink().map(|s| s.micro_batch), Some(2));
+        assert!(c.observe_with(0, Level::Critical, now).is_some());
+        assert_eq!(c.current().micro_batch, 2);
+        assert_eq!(c.peek_grow().map(|s| s.micro_batch), Some(4));
+        let blocked = Hints {
+            block_grow: true,
+            ..Hints::default()
+        };
+        assert!(c.observe_with(1_000, Level::Normal, blocked).is_none());
+        assert!(c.observe_with(100_000, Level::Normal, blocked).is_none());
+        // The stable period counted while blocked: the first unblocked observation grows.
+        let d = c.observe(100_001, Level::Normal).unwrap();
+        assert_eq!(d.action, Action::GrowMicroBatch { from: 2, to: 4 });
+    }
+
+    #[test]
+    fn restricted_controller_skips_unavailable_steps() {
+        let p = Strategy {
+            micro_batch: 1,
+            accumulation: 16,
+            checkpointing: false,
+            offload: OffloadKind::None,
+        };
+        let mut c = Controller::new(ControllerConfig::new(16), p).unwrap();
+        c.restrict(false, true);
+        assert_eq!(
+            c.observe(0, Level::Critical).map(|d| d.action),
+            Some(Action::EnableOffload)
+        );
+        c.restrict(false, false);
+        assert_eq!(c.peek_shrink(), None);
     }
 
     #[test]

@@ -89,13 +89,15 @@
 pub mod controller;
 mod error;
 pub mod footprint;
+pub mod guard;
 pub mod live;
 pub mod offload;
 pub mod planner;
 pub mod precision;
 pub mod pressure;
 
-pub use controller::{Action, Controller, ControllerConfig, Decision};
+pub use controller::{Action, Controller, ControllerConfig, Decision, Hints};
+pub use guard::{GuardConfig, GuardState, MemoryGuard, Poll};
 pub use error::{Error, Result, Suggestion};
 pub use footprint::{
     Adapters, BaseFormat, BlockProfile, Estimate, MemoryModel, ModelProfile, OffloadKind,

@@ -11,9 +11,10 @@
 
 use std::path::PathBuf;
 
-use eg_hardware::Root;
+pub use eg_hardware::Root;
 use eg_hardware::gpu::NvmlSource;
-use eg_hardware::memory::{CgroupMemory, CgroupVersion, Limit};
+pub use eg_hardware::memory::CgroupVersion;
+use eg_hardware::memory::{CgroupMemory, Limit};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -101,6 +102,40 @@ pub struct CgroupSample {
     pub peak: Option<u64>,
     /// Event counters, when readable.
     pub events: Option<CgroupEvents>,
+    /// File-backed page cache charged to the group that the kernel reclaims before it
+    /// OOM-kills (`active_file + inactive_file` of `memory.stat`; v1: the `total_` ones,
+    /// which include descendants), when readable.
+    #[serde(default)]
+    pub reclaimable: Option<u64>,
+}
+
+impl CgroupSample {
+    /// What the OOM killer sees: usage minus the reclaimable page cache (checkpoint files
+    /// written by the run are charged to the group as page cache, and count against the
+    /// limit only until the kernel drops them).
+    pub fn working_set(&self) -> Option<u64> {
+        self.usage
+            .map(|u| u.saturating_sub(self.reclaimable.unwrap_or(0)))
+    }
+}
+
+/// `active_file + inactive_file` from a `memory.stat` text (`prefix` is `total_` on v1).
+fn parse_file_cache(text: &str, path: &std::path::Path, prefix: &str) -> Result<Option<u64>> {
+    let mut sum = None;
+    for line in text.lines() {
+        let mut it = line.split_whitespace();
+        let (Some(k), Some(v)) = (it.next(), it.next()) else {
+            continue;
+        };
+        let Some(k) = k.strip_prefix(prefix) else {
+            continue;
+        };
+        if k == "active_file" || k == "inactive_file" {
+            let v = parse_u64(v, path, "expected `key <bytes>`")?;
+            sum = Some(sum.unwrap_or(0u64).saturating_add(v));
+        }
+    }
+    Ok(sum)
 }
 
 /// Parses `key value` lines into events. Unknown keys are ignored (kernels add some).
@@ -152,12 +187,17 @@ pub fn cgroup_sample(root: &Root, version: CgroupVersion, dir: &str) -> Result<C
                 Some((t, p)) => Some(parse_events(&t, &p)?),
                 None => None,
             };
+            let reclaimable = match read_opt(root, &format!("{dir}/memory.stat"))? {
+                Some((t, p)) => parse_file_cache(&t, &p, "")?,
+                None => None,
+            };
             Ok(CgroupSample {
                 version,
                 usage: num("memory.current")?,
                 limit,
                 peak: num("memory.peak")?,
                 events,
+                reclaimable,
             })
         }
         CgroupVersion::V1 => {
@@ -170,12 +210,17 @@ pub fn cgroup_sample(root: &Root, version: CgroupVersion, dir: &str) -> Result<C
                 Some((t, p)) => Some(parse_events(&t, &p)?),
                 None => None,
             };
+            let reclaimable = match read_opt(root, &format!("{dir}/memory.stat"))? {
+                Some((t, p)) => parse_file_cache(&t, &p, "total_")?,
+                None => None,
+            };
             Ok(CgroupSample {
                 version,
                 usage: num("memory.usage_in_bytes")?,
                 limit,
                 peak: num("memory.max_usage_in_bytes")?,
                 events,
+                reclaimable,
             })
         }
         CgroupVersion::None => Ok(CgroupSample {
@@ -184,6 +229,7 @@ pub fn cgroup_sample(root: &Root, version: CgroupVersion, dir: &str) -> Result<C
             limit: Limit::Unlimited,
             peak: None,
             events: None,
+            reclaimable: None,
         }),
     }
 }
@@ -262,6 +308,25 @@ pub fn psi(root: &Root) -> Result<Option<Psi>> {
     }
 }
 
+/// Resets this process's peak RSS (`VmHWM`) by writing `5` to `/proc/self/clear_refs`
+/// under `root`, so the next [`process_memory`] reports the peak since now. Returns whether
+/// the kernel accepted it (the file is missing on non-Linux systems and some sandboxes).
+pub fn reset_peak(root: &Root) -> bool {
+    std::fs::write(root.join("/proc/self/clear_refs"), "5").is_ok()
+}
+
+/// Returns memory the allocator keeps after frees to the kernel (glibc's `malloc_trim`),
+/// so what was freed by a smaller micro-batch stops counting against the cgroup. A no-op
+/// with other C libraries.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `malloc_trim` only walks the allocator's own free lists; it is thread-safe
+    // and has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Memory of one GPU, from NVML.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GpuMemory {
@@ -322,15 +387,28 @@ pub struct Sample {
 }
 
 impl Sample {
-    /// The bytes that count against the budget: the cgroup's usage when in a limited group
-    /// (it includes page cache the kernel charges to us, which is what an OOM kill sees),
-    /// else the process RSS.
+    /// The bytes that count against the budget: the cgroup's working set (usage minus the
+    /// page cache the kernel would reclaim first, [`CgroupSample::working_set`]) when in a
+    /// limited group, which is what an OOM kill sees; else the process RSS.
     pub fn used_bytes(&self) -> Option<u64> {
         let cg = self
             .cgroup
             .filter(|c| matches!(c.limit, Limit::Bytes(_)))
-            .and_then(|c| c.usage);
+            .and_then(|c| c.working_set());
         cg.or(self.process.map(|p| p.rss))
+    }
+
+    /// Bytes of the group not held by this process (another job, a memory hog, tmpfs):
+    /// working set minus this process's RSS. 0 outside a limited cgroup.
+    pub fn others_bytes(&self) -> u64 {
+        let ws = self
+            .cgroup
+            .filter(|c| matches!(c.limit, Limit::Bytes(_)))
+            .and_then(|c| c.working_set());
+        match (ws, self.process) {
+            (Some(w), Some(p)) => w.saturating_sub(p.rss),
+            _ => 0,
+        }
     }
 
     /// The fullest GPU's used fraction, when any is known.
@@ -382,6 +460,11 @@ impl Sampler {
             cgroup,
             gpu: None,
         }
+    }
+
+    /// The root the sampler reads under.
+    pub fn root(&self) -> &Root {
+        &self.root
     }
 
     /// Also samples GPU memory from `source` (eg-hardware's `RuntimeNvml`, or a fake).

@@ -209,6 +209,32 @@ impl PlanRequest {
     }
 }
 
+impl PlanRequest {
+    /// The predicted peak of every strategy the controller can reach: each micro-batch
+    /// dividing the global batch (from 1 to the fixed or largest one) × checkpointing
+    /// off/on × offload none/disk, whatever the request allows at start.
+    pub fn estimate_all(&self, model: &MemoryModel) -> Result<Vec<(Strategy, Bytes)>> {
+        let g = self.global_sequences()?;
+        let top = self.micro_batch.unwrap_or(g);
+        let mut out = Vec::new();
+        for m in divisors(g).into_iter().filter(|m| *m <= top) {
+            for checkpointing in [false, true] {
+                for offload in [OffloadKind::None, OffloadKind::Disk] {
+                    let strategy = Strategy {
+                        micro_batch: m,
+                        accumulation: g / m,
+                        checkpointing,
+                        offload,
+                    };
+                    let e = model.estimate(&self.profile, &setup_of(self, &strategy))?;
+                    out.push((strategy, e.peak));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// Constants of the relative-throughput model. [`SpeedModel::default`] holds the documented
 /// values; `gflops` and the disk bandwidths come from eg-hardware's probes when measured.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

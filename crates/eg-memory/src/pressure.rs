@@ -44,8 +44,9 @@ pub struct Reading {
 }
 
 impl Reading {
-    /// A reading from a live sample: `used / ceiling`, or the cgroup's own usage over its
-    /// limit, or the fullest GPU's used fraction, whichever is highest. `previous` are the event counters of the
+    /// A reading from a live sample: `used / ceiling`, or the cgroup's working set (usage
+    /// minus reclaimable page cache) over its limit, or the fullest GPU's used fraction,
+    /// whichever is highest. `previous` are the event counters of the
     /// previous sample (to see new OOM events).
     pub fn from_sample(
         at_ms: u64,
@@ -58,7 +59,7 @@ impl Reading {
             _ => 0.0,
         };
         if let Some(c) = &sample.cgroup
-            && let (Some(u), Some(l)) = (c.usage, c.limit.bytes())
+            && let (Some(u), Some(l)) = (c.working_set(), c.limit.bytes())
             && l > 0
         {
             used_fraction = used_fraction.max(u as f64 / l as f64);

@@ -4,5 +4,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod controller_props;
+mod guard_fixtures;
 mod live_fixtures;
 mod planning;
