@@ -97,12 +97,12 @@ pub mod precision;
 pub mod pressure;
 
 pub use controller::{Action, Controller, ControllerConfig, Decision, Hints};
-pub use guard::{GuardConfig, GuardState, MemoryGuard, Poll};
 pub use error::{Error, Result, Suggestion};
 pub use footprint::{
     Adapters, BaseFormat, BlockProfile, Estimate, MemoryModel, ModelProfile, OffloadKind,
     Optimizer, Precision, Setup,
 };
+pub use guard::{GuardConfig, GuardState, MemoryGuard, Poll};
 pub use planner::{
     Budget, Candidate, OffloadChoice, Plan, PlanRequest, SpeedModel, Strategy, plan,
 };
