@@ -91,5 +91,6 @@ pub use optim::{
 pub use schedule::{Schedule, Shape};
 pub use trainer::{
     Anomaly, Callback, CheckpointOptions, EvalMetrics, EvalSet, FitReport, QuarantineEntry,
-    StepMetrics, TrainModel, Trainer, TrainerOptions, TrainerState, batch_targets, compute_threads,
+    StepMetrics, StoreFactory, TrainModel, Trainer, TrainerOptions, TrainerState, batch_targets,
+    compute_threads,
 };

@@ -9,6 +9,7 @@ mod tests {
     mod guards;
     mod loop_;
     mod lora;
+    mod memory_guard;
     mod offload;
     mod optim;
     mod resume;
