@@ -3,6 +3,7 @@
 //! Each subcommand lives in its own module; `main` parses arguments, sets up logging, runs the
 //! command and maps errors to the documented exit codes (see [`exit`]).
 
+mod augment;
 mod config_cmd;
 mod data_cmd;
 mod exit;

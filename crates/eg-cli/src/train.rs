@@ -45,7 +45,57 @@ struct Data {
     description: String,
 }
 
+/// The configured data: the main source, mixed by weight with every `[[data.mix]]` source
+/// (tokenized with the same tokenizer; each holds out its own `data.eval_fraction`).
 fn load_data(cfg: &Config) -> anyhow::Result<Data> {
+    let main = load_source(cfg)?;
+    if cfg.data.mix.is_empty() {
+        return Ok(main);
+    }
+    let mut train = Vec::new();
+    let mut eval = Vec::new();
+    let mut description = main.description.clone();
+    for (i, m) in cfg.data.mix.iter().enumerate() {
+        let mut c = cfg.clone();
+        c.data.source = m.source;
+        c.data.paths = m.paths.clone();
+        c.data.field = m.field.clone();
+        c.data.mix = Vec::new();
+        let d = load_source(&c).with_context(|| format!("data.mix.{i}"))?;
+        if d.vocab != main.vocab {
+            return Err(data::Error::InvalidOption {
+                option: "data.mix",
+                reason: format!(
+                    "source {i} has a vocabulary of {} tokens, the main source {}: mixed sources \
+                     must share the tokenizer",
+                    d.vocab, main.vocab
+                ),
+            }
+            .into());
+        }
+        description.push_str(&format!(" + mix {i} (weight {}): {}", m.weight, d.description));
+        train.push(d.train);
+        eval.push(d.eval);
+    }
+    let eval = match (&main.eval, eval.iter().all(Option::is_some)) {
+        (Some(e), true) => Some(crate::augment::mixture(
+            cfg,
+            e.clone(),
+            eval.into_iter().flatten().collect(),
+        )?),
+        _ => main.eval.clone(),
+    };
+    Ok(Data {
+        train: crate::augment::mixture(cfg, main.train.clone(), train)?,
+        eval,
+        vocab: main.vocab,
+        eos: main.eos,
+        description,
+    })
+}
+
+/// One source: `data.source` with `data.paths` (no mixing).
+fn load_source(cfg: &Config) -> anyhow::Result<Data> {
     use config::wire::DataSource;
     match cfg.data.source {
         DataSource::Embedded => {
@@ -372,6 +422,7 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         epochs: None,
     };
     let loader = Loader::new(data.train.clone(), lopts.clone(), Placement::SINGLE)?;
+    let loader = crate::augment::apply(loader, &cfg, data.eos.unwrap_or(lopts.pad_id));
     let (kind, peak, wd): (OptimizerKind, f64, f64) =
         OptimizerKind::from_config(&cfg.train.optimizer)?;
     let shapes: Vec<(String, Vec<usize>)> = model

@@ -396,3 +396,76 @@ fn unimplemented_settings_are_refused() {
         assert!(stderr.contains("is not built yet"), "{set}: {stderr}");
     }
 }
+
+#[test]
+fn mixed_sources_with_their_own_augmentations() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("corpus.txt");
+    let docs = elastic_guardian::data::embedded::documents(5, 40_000);
+    std::fs::write(&text, docs.join("\n\n")).unwrap();
+    let jsonl = dir.path().join("extra.jsonl");
+    let lines: Vec<String> = elastic_guardian::data::embedded::documents(9, 20_000)
+        .iter()
+        .map(|d| serde_json::json!({ "body": d }).to_string())
+        .collect();
+    std::fs::write(&jsonl, lines.join("\n")).unwrap();
+    let cfg = dir.path().join("mix.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[data]\nsource = \"text\"\npaths = [{text:?}]\nseq_len = 32\nweight = 2.0\n\n\
+             [[data.augment]]\nkind = \"token-dropout\"\nprobability = 0.05\n\n\
+             [[data.mix]]\nsource = \"jsonl\"\npaths = [{jsonl:?}]\nfield = \"body\"\nweight = 1.0\n\n\
+             [[data.mix.augment]]\nkind = \"span-corruption\"\nprobability = 0.15\nmean_span = 3\n",
+            text = text.display().to_string(),
+            jsonl = jsonl.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let run = dir.path().join("run");
+    let train = |steps: &str| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_eg"));
+        c.args(["train", "--no-progress", "--config"]).arg(&cfg);
+        for s in [
+            format!("run.dir={}", run.display()),
+            "model.source=builtin:micro-llama".into(),
+            "train.batch.global_tokens=128".into(),
+            format!("train.max_steps={steps}"),
+            "train.checkpoints.every=3".into(),
+            // The learning rate must not depend on max_steps, so 6 + 3 steps equal 9.
+            "train.schedule.kind=constant".into(),
+            "train.schedule.warmup_steps=0".into(),
+        ] {
+            c.arg("--set").arg(s);
+        }
+        c.env_remove("EG_LOG").output().unwrap()
+    };
+    let out = train("6");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("mix 0 (weight 1)"), "{err}");
+    let first = losses(&run);
+    assert_eq!(first.len(), 6);
+    // Resume reproduces the same augmented, mixed stream.
+    let out = train("9");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let all = losses(&run);
+    let fresh = dir.path().join("fresh");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_eg"));
+    c.args(["train", "--no-progress", "--config"]).arg(&cfg);
+    for s in [
+        format!("run.dir={}", fresh.display()),
+        "model.source=builtin:micro-llama".into(),
+        "train.batch.global_tokens=128".into(),
+        "train.max_steps=9".into(),
+        "train.checkpoints.every=3".into(),
+        "train.schedule.kind=constant".into(),
+        "train.schedule.warmup_steps=0".into(),
+        format!("data.tokenizer={}", run.join("tokenizer.json").display()),
+    ] {
+        c.arg("--set").arg(s);
+    }
+    let out = c.env_remove("EG_LOG").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(losses(&fresh), all);
+}
