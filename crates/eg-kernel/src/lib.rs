@@ -75,6 +75,7 @@ mod error;
 pub mod fsio;
 mod grads;
 pub mod guards;
+pub mod loss_scale;
 pub mod objective;
 pub mod optim;
 pub mod schedule;
@@ -83,6 +84,7 @@ mod trainer;
 
 pub use builder::{Checkpoints, OptimizerSpec, ScheduleSpec, TrainerBuilder};
 pub use error::{Error, Result};
+pub use loss_scale::{LossScaler, ScaleUpdate};
 pub use objective::{CausalLm, MicroLoss, Objective};
 pub use optim::{
     DiskStore, DiskStoreOptions, Optimizer, OptimizerKind, OptimizerSnapshot, OptimizerState,

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{self, CheckpointData};
 use crate::grads::Grads;
 use crate::guards::{SpikeDetector, clip_factor};
+use crate::loss_scale::{LossScaler, ScaleUpdate};
 use crate::objective::{CausalLm, Objective};
 use crate::optim::{Optimizer, OptimizerSnapshot};
 use crate::schedule::Schedule;
@@ -29,15 +30,6 @@ pub trait TrainModel {
     fn logits(&self, ids: &Tensor) -> Result<Tensor>;
     /// Switches training-only behaviour (dropout) on or off; evaluation turns it off.
     fn set_training(&self, _training: bool) {}
-    /// Turns activation checkpointing on or off from the next forward pass
-    /// (`memory.activation_checkpointing`, or a memory controller between steps). Models
-    /// without it return [`Error::Unsupported`].
-    fn set_activation_checkpointing(&self, _on: bool) -> Result<()> {
-        Err(Error::Unsupported {
-            what: "activation checkpointing for this model",
-            issue: 8,
-        })
-    }
     /// Logits for packed rows: `positions` (`[batch, seq]` u32) restart at every document and
     /// attention stays inside a document (`doc_ids`, one per position, row-major). Models
     /// without block-diagonal attention return [`Error::Unsupported`].
@@ -69,11 +61,6 @@ impl TrainModel for eg_model::Llama {
     fn set_training(&self, training: bool) {
         self.set_lora_training(training);
     }
-
-    fn set_activation_checkpointing(&self, on: bool) -> Result<()> {
-        eg_model::Llama::set_activation_checkpointing(self, on);
-        Ok(())
-    }
 }
 
 /// Hooks called by the loop. Every method has an empty default.
@@ -88,8 +75,6 @@ pub trait Callback: Send {
     fn on_checkpoint(&mut self, _step: u64, _dir: &Path) {}
     /// After a guard fired.
     fn on_anomaly(&mut self, _a: &Anomaly) {}
-    /// After the memory guard changed the strategy (before the next update).
-    fn on_memory(&mut self, _d: &eg_memory::Decision) {}
 }
 
 /// Metrics of one applied update.
@@ -218,10 +203,10 @@ pub struct TrainerState {
     /// Periodic checkpoints that failed to write.
     #[serde(default)]
     pub checkpoint_failures: u64,
-    /// The memory guard's state (controller, decisions, clock) when one runs; a resume
-    /// continues with the saved strategy.
+    /// Dynamic loss scaling (f16 compute), when on: the scale and its counters, so a resume
+    /// continues with the same scale ([`crate::loss_scale`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub memory: Option<eg_memory::GuardState>,
+    pub loss_scaler: Option<LossScaler>,
 }
 
 /// Checkpoint settings.
@@ -362,12 +347,13 @@ pub struct Trainer<M: TrainModel> {
     snapshot: Option<Snapshot>,
     /// Gradient sums of the current update (candle's own storage for one micro-batch).
     grads: Grads,
+    /// Factor from the summed (loss-scaled) gradients to true gradients, this update.
+    grad_unscale: f32,
     metrics: Option<std::fs::File>,
     pending: Option<JoinHandle<Result<PathBuf>>>,
     pending_step: u64,
     last_checkpoint: Option<PathBuf>,
     coverage_checked: bool,
-    memory: Option<MemoryHook>,
     objective: Box<dyn Objective<M>>,
     step_extra: BTreeMap<String, f64>,
 }
@@ -379,20 +365,6 @@ impl<M: TrainModel> std::fmt::Debug for Trainer<M> {
             .field("state", &self.state)
             .finish_non_exhaustive()
     }
-}
-
-/// Makes the optimizer-state store for an offload setting: the memory guard switches the
-/// optimizer between RAM and disk with it ([`Trainer::with_memory_guard`]).
-pub type StoreFactory =
-    Box<dyn FnMut(eg_memory::OffloadKind) -> Result<Box<dyn crate::optim::StateStore>> + Send>;
-
-/// The memory guard in the loop and what it controls.
-struct MemoryHook {
-    guard: eg_memory::MemoryGuard,
-    stores: Option<StoreFactory>,
-    /// What the model and the optimizer run now.
-    checkpointing: bool,
-    offload: eg_memory::OffloadKind,
 }
 
 /// Compute threads candle uses on the CPU.
@@ -454,18 +426,18 @@ impl<M: TrainModel> Trainer<M> {
                 last_eval: None,
                 threads: compute_threads(),
                 checkpoint_failures: 0,
-                memory: None,
+                loss_scaler: None,
             },
             opts,
             callbacks: Vec::new(),
             snapshot: None,
             grads,
+            grad_unscale: 1.0,
             metrics: None,
             pending: None,
             pending_step: 0,
             last_checkpoint: None,
             coverage_checked: false,
-            memory: None,
             objective: Box::new(CausalLm::pretrain()),
             step_extra: BTreeMap::new(),
         })
@@ -474,6 +446,16 @@ impl<M: TrainModel> Trainer<M> {
     /// Replaces the objective (default: [`CausalLm::pretrain`]). See [`crate::objective`].
     pub fn with_objective(mut self, objective: Box<dyn Objective<M>>) -> Self {
         self.objective = objective;
+        self
+    }
+
+    /// Turns dynamic loss scaling on (for f16 compute; [`crate::loss_scale`]): the loss is
+    /// multiplied by the scale before each backward pass and the accumulated gradients divided
+    /// by it; an update whose gradients overflow is skipped and the scale halved (not a
+    /// non-finite anomaly, no rollback); the scale doubles after `growth_interval` good
+    /// updates. Add it before [`Trainer::resume`], which continues with the saved scale.
+    pub fn with_loss_scaler(mut self, scaler: LossScaler) -> Self {
+        self.state.loss_scaler = Some(scaler);
         self
     }
 
@@ -528,112 +510,6 @@ impl<M: TrainModel> Trainer<M> {
         Ok(())
     }
 
-    /// Adds the memory guard (eg-memory's controller in the loop). Before every update it
-    /// reads memory and may change the micro-batch (the global batch stays; accumulation
-    /// absorbs it), activation checkpointing (through
-    /// [`TrainModel::set_activation_checkpointing`]) and where the optimizer state lives
-    /// (through `stores`, which must have built the optimizer's current store for the
-    /// guard's current strategy). Steps the model or a missing `stores` cannot take are
-    /// removed from the controller, with a log line. Every decision is logged (tracing and a
-    /// `memory` event in `metrics.jsonl`) and saved in checkpoints; add the guard before
-    /// [`Trainer::resume`], which continues with the saved strategy.
-    pub fn with_memory_guard(
-        mut self,
-        mut guard: eg_memory::MemoryGuard,
-        stores: Option<StoreFactory>,
-    ) -> Result<Self> {
-        let cur = guard.current();
-        let checkpointing_ok = match self.model.set_activation_checkpointing(cur.checkpointing) {
-            Ok(()) => true,
-            Err(e) if !cur.checkpointing => {
-                tracing::info!(reason = %e, "memory guard: activation checkpointing is unavailable, the guard will not use it");
-                false
-            }
-            Err(e) => return Err(e),
-        };
-        if stores.is_none() {
-            tracing::info!(
-                "memory guard: optimizer-state offload is unavailable (no offload store), the guard will not use it"
-            );
-        }
-        guard.restrict(checkpointing_ok, stores.is_some());
-        self.opts.micro_batch_rows = cur.micro_batch.max(1) as usize;
-        self.state.memory = Some(guard.state());
-        self.memory = Some(MemoryHook {
-            guard,
-            stores,
-            checkpointing: cur.checkpointing,
-            offload: cur.offload,
-        });
-        Ok(self)
-    }
-
-    /// The strategy the memory guard runs now, when one is attached.
-    pub fn memory_strategy(&self) -> Option<eg_memory::Strategy> {
-        self.memory.as_ref().map(|h| h.guard.current())
-    }
-
-    /// Runs `s`: micro-batch rows, activation checkpointing, optimizer-state store.
-    fn apply_memory_strategy(&mut self, s: eg_memory::Strategy) -> Result<()> {
-        self.opts.micro_batch_rows = s.micro_batch.max(1) as usize;
-        let Some(h) = &mut self.memory else {
-            return Ok(());
-        };
-        if s.checkpointing != h.checkpointing {
-            self.model.set_activation_checkpointing(s.checkpointing)?;
-            h.checkpointing = s.checkpointing;
-        }
-        if s.offload != h.offload
-            && let Some(make) = &mut h.stores
-        {
-            let store = make(s.offload)?;
-            h.offload = s.offload;
-            self.set_optimizer_store(store)?;
-        }
-        Ok(())
-    }
-
-    /// Between updates: the guard reads memory and its decisions are applied and logged.
-    fn poll_memory(&mut self) -> Result<()> {
-        let Some(h) = &mut self.memory else {
-            return Ok(());
-        };
-        let poll = h.guard.poll()?;
-        self.state.memory = Some(h.guard.state());
-        for d in &poll.decisions {
-            self.apply_memory_strategy(d.after)?;
-            self.log_json(&serde_json::json!({
-                "event": "memory",
-                "step": self.state.step,
-                "decision": d,
-                "used_fraction": poll.reading.used_fraction,
-                "others_bytes": poll.others,
-                "projected_bytes": poll.projected,
-            }))?;
-            for cb in &mut self.callbacks {
-                cb.on_memory(d);
-            }
-        }
-        Ok(())
-    }
-
-    /// After a checkpoint was loaded: the guard continues from the saved state (a state
-    /// for another global batch is ignored with a warning).
-    fn restore_memory_guard(&mut self) -> Result<()> {
-        let Some(h) = &mut self.memory else {
-            return Ok(());
-        };
-        if let Some(saved) = self.state.memory.clone()
-            && let Err(e) = h.guard.restore(saved)
-        {
-            tracing::warn!(error = %e, "memory guard: the checkpoint's state does not apply, starting from the plan");
-        }
-        let cur = h.guard.current();
-        self.state.memory = Some(h.guard.state());
-        tracing::info!(strategy = %cur, "memory guard: continuing with the saved strategy");
-        self.apply_memory_strategy(cur)
-    }
-
     /// Restores the newest valid checkpoint, if any; returns its step. Invalid checkpoints
     /// are skipped with a warning; a checkpoint written with another thread count is used
     /// with a warning (results may then differ in the last bits).
@@ -685,8 +561,18 @@ impl<M: TrainModel> Trainer<M> {
                 "resuming with another thread count: results may differ in the last bits"
             );
         }
-        self.state = TrainerState { threads, ..state };
-        self.restore_memory_guard()?;
+        // Loss scaling stays as configured; its state comes from the checkpoint when it has one.
+        let loss_scaler = self.state.loss_scaler.as_ref().map(|configured| {
+            state
+                .loss_scaler
+                .clone()
+                .unwrap_or_else(|| configured.clone())
+        });
+        self.state = TrainerState {
+            threads,
+            loss_scaler,
+            ..state
+        };
         let cursor = Cursor::from_json(&data.cursor_json)?;
         self.loader.restore(&cursor)?;
         self.snapshot = Some(self.capture()?);
@@ -823,7 +709,6 @@ impl<M: TrainModel> Trainer<M> {
             for cb in &mut self.callbacks {
                 cb.on_step_start(step);
             }
-            self.poll_memory()?;
             let t0 = Instant::now();
             let Some(batch) = self.next_batch()? else {
                 if step == 0 && last_loss.is_none() {
@@ -834,6 +719,27 @@ impl<M: TrainModel> Trainer<M> {
                 return Ok(r);
             };
             let (loss, norm_sq) = self.forward_backward(&batch)?;
+            // Loss scaling: gradients that overflowed while the loss is finite skip the update
+            // and halve the scale (not an anomaly); at the minimum scale the guard below acts.
+            let scale_update = match &mut self.state.loss_scaler {
+                Some(s) if loss.is_finite() => Some((s.update(!norm_sq.is_finite()), s.scale)),
+                _ => None,
+            };
+            if let Some((ScaleUpdate::Skip, scale)) = scale_update {
+                tracing::info!(
+                    step,
+                    scale,
+                    "loss scale: gradients overflowed, update skipped"
+                );
+                self.log_json(&serde_json::json!({
+                    "event": "loss_scale",
+                    "step": step,
+                    "data_step": batch.step,
+                    "overflow": true,
+                    "scale": scale,
+                }))?;
+                continue;
+            }
             if !(loss.is_finite() && norm_sq.is_finite()) {
                 self.state.nonfinite_skips += 1;
                 self.state.consecutive_nonfinite += 1;
@@ -877,7 +783,7 @@ impl<M: TrainModel> Trainer<M> {
             rollbacks_in_a_row = 0;
             self.state.consecutive_nonfinite = 0;
             let norm = norm_sq.sqrt();
-            let scale = clip_factor(norm, self.opts.clip_norm);
+            let scale = clip_factor(norm, self.opts.clip_norm) * self.grad_unscale;
             let lr = self.opts.schedule.lr(step) * self.state.lr_scale;
             let (optimizer, vars) = (&mut self.optimizer, &self.vars);
             self.grads
@@ -904,6 +810,9 @@ impl<M: TrainModel> Trainer<M> {
             })?;
             if let Some(o) = line.as_object_mut() {
                 o.insert("event".into(), "step".into());
+                if let Some(s) = &self.state.loss_scaler {
+                    o.insert("loss_scale".into(), s.scale.into());
+                }
             }
             self.log_json(&line)?;
             for cb in &mut self.callbacks {
@@ -971,11 +880,18 @@ impl<M: TrainModel> Trainer<M> {
         let mb = self.opts.micro_batch_rows.div_ceil(group) * group;
         let total = self.objective.normaliser(batch)?;
         self.grads.clear();
+        self.grad_unscale = 1.0;
         self.step_extra.clear();
         if total <= 0.0 {
             return Ok((0.0, 0.0));
         }
         let mut loss = 0.0f64;
+        // Loss scaling: the backward runs on `loss × scale`, the accumulators get `grad / scale`
+        // (exact for the power-of-two scales the scaler uses).
+        let (loss_scale, unscale) = match &self.state.loss_scaler {
+            Some(s) => (Some(s.scale), (1.0 / s.scale) as f32),
+            None => (None, 1.0f32),
+        };
         let mut r0 = 0;
         while r0 < rows {
             let r1 = (r0 + mb).min(rows);
@@ -987,7 +903,10 @@ impl<M: TrainModel> Trainer<M> {
                 for (k, v) in micro.metrics {
                     *self.step_extra.entry(k.to_string()).or_insert(0.0) += v;
                 }
-                let scaled = micro.loss;
+                let scaled = match loss_scale {
+                    Some(s) => (micro.loss * s)?,
+                    None => micro.loss,
+                };
                 let store = scaled.backward()?;
                 let check = self.opts.coverage_check && !self.coverage_checked;
                 let mut missing = Vec::new();
@@ -1007,7 +926,11 @@ impl<M: TrainModel> Trainer<M> {
             }
             r0 = r1;
         }
-        let norm_sq = self.grads.sum_squares(&self.names)?;
+        // Summed raw; the unscale factor (a power of two) is applied to the norm here and to
+        // the gradients inside the optimizer's pass, exactly as if each had been unscaled.
+        self.grad_unscale = unscale;
+        let norm_sq =
+            self.grads.sum_squares(&self.names)? * f64::from(unscale) * f64::from(unscale);
         Ok((loss, norm_sq))
     }
 
@@ -1185,11 +1108,7 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
         let keep = serde_json::from_str::<serde_json::Value>(line)
             .ok()
             .is_some_and(|v| {
-                // So are memory decisions taken before the update after it.
-                let anomaly = matches!(
-                    v.get("event").and_then(|e| e.as_str()),
-                    Some("anomaly" | "memory")
-                );
+                let anomaly = v.get("event").and_then(|e| e.as_str()) == Some("anomaly");
                 v.get("step")
                     .and_then(|s| s.as_u64())
                     .is_some_and(|s| if anomaly { s < step } else { s <= step })

@@ -12,5 +12,6 @@ mod tests {
     mod memory_guard;
     mod offload;
     mod optim;
+    mod precision;
     mod resume;
 }
