@@ -30,6 +30,15 @@ pub trait TrainModel {
     fn logits(&self, ids: &Tensor) -> Result<Tensor>;
     /// Switches training-only behaviour (dropout) on or off; evaluation turns it off.
     fn set_training(&self, _training: bool) {}
+    /// Turns activation checkpointing on or off from the next forward pass
+    /// (`memory.activation_checkpointing`, or a memory controller between steps). Models
+    /// without it return [`Error::Unsupported`].
+    fn set_activation_checkpointing(&self, _on: bool) -> Result<()> {
+        Err(Error::Unsupported {
+            what: "activation checkpointing for this model",
+            issue: 8,
+        })
+    }
     /// Logits for packed rows: `positions` (`[batch, seq]` u32) restart at every document and
     /// attention stays inside a document (`doc_ids`, one per position, row-major). Models
     /// without block-diagonal attention return [`Error::Unsupported`].
@@ -61,6 +70,11 @@ impl TrainModel for eg_model::Llama {
     fn set_training(&self, training: bool) {
         self.set_lora_training(training);
     }
+
+    fn set_activation_checkpointing(&self, on: bool) -> Result<()> {
+        eg_model::Llama::set_activation_checkpointing(self, on);
+        Ok(())
+    }
 }
 
 /// Hooks called by the loop. Every method has an empty default.
@@ -75,6 +89,8 @@ pub trait Callback: Send {
     fn on_checkpoint(&mut self, _step: u64, _dir: &Path) {}
     /// After a guard fired.
     fn on_anomaly(&mut self, _a: &Anomaly) {}
+    /// After the memory guard changed the strategy (before the next update).
+    fn on_memory(&mut self, _d: &eg_memory::Decision) {}
 }
 
 /// Metrics of one applied update.
@@ -207,6 +223,10 @@ pub struct TrainerState {
     /// continues with the same scale ([`crate::loss_scale`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scaler: Option<LossScaler>,
+    /// The memory guard's state (controller, decisions, clock) when one runs; a resume
+    /// continues with the saved strategy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<eg_memory::GuardState>,
 }
 
 /// Checkpoint settings.
@@ -354,6 +374,7 @@ pub struct Trainer<M: TrainModel> {
     pending_step: u64,
     last_checkpoint: Option<PathBuf>,
     coverage_checked: bool,
+    memory: Option<MemoryHook>,
     objective: Box<dyn Objective<M>>,
     step_extra: BTreeMap<String, f64>,
 }
@@ -365,6 +386,20 @@ impl<M: TrainModel> std::fmt::Debug for Trainer<M> {
             .field("state", &self.state)
             .finish_non_exhaustive()
     }
+}
+
+/// Makes the optimizer-state store for an offload setting: the memory guard switches the
+/// optimizer between RAM and disk with it ([`Trainer::with_memory_guard`]).
+pub type StoreFactory =
+    Box<dyn FnMut(eg_memory::OffloadKind) -> Result<Box<dyn crate::optim::StateStore>> + Send>;
+
+/// The memory guard in the loop and what it controls.
+struct MemoryHook {
+    guard: eg_memory::MemoryGuard,
+    stores: Option<StoreFactory>,
+    /// What the model and the optimizer run now.
+    checkpointing: bool,
+    offload: eg_memory::OffloadKind,
 }
 
 /// Compute threads candle uses on the CPU.
@@ -427,6 +462,7 @@ impl<M: TrainModel> Trainer<M> {
                 threads: compute_threads(),
                 checkpoint_failures: 0,
                 loss_scaler: None,
+                memory: None,
             },
             opts,
             callbacks: Vec::new(),
@@ -438,6 +474,7 @@ impl<M: TrainModel> Trainer<M> {
             pending_step: 0,
             last_checkpoint: None,
             coverage_checked: false,
+            memory: None,
             objective: Box::new(CausalLm::pretrain()),
             step_extra: BTreeMap::new(),
         })
@@ -510,6 +547,112 @@ impl<M: TrainModel> Trainer<M> {
         Ok(())
     }
 
+    /// Adds the memory guard (eg-memory's controller in the loop). Before every update it
+    /// reads memory and may change the micro-batch (the global batch stays; accumulation
+    /// absorbs it), activation checkpointing (through
+    /// [`TrainModel::set_activation_checkpointing`]) and where the optimizer state lives
+    /// (through `stores`, which must have built the optimizer's current store for the
+    /// guard's current strategy). Steps the model or a missing `stores` cannot take are
+    /// removed from the controller, with a log line. Every decision is logged (tracing and a
+    /// `memory` event in `metrics.jsonl`) and saved in checkpoints; add the guard before
+    /// [`Trainer::resume`], which continues with the saved strategy.
+    pub fn with_memory_guard(
+        mut self,
+        mut guard: eg_memory::MemoryGuard,
+        stores: Option<StoreFactory>,
+    ) -> Result<Self> {
+        let cur = guard.current();
+        let checkpointing_ok = match self.model.set_activation_checkpointing(cur.checkpointing) {
+            Ok(()) => true,
+            Err(e) if !cur.checkpointing => {
+                tracing::info!(reason = %e, "memory guard: activation checkpointing is unavailable, the guard will not use it");
+                false
+            }
+            Err(e) => return Err(e),
+        };
+        if stores.is_none() {
+            tracing::info!(
+                "memory guard: optimizer-state offload is unavailable (no offload store), the guard will not use it"
+            );
+        }
+        guard.restrict(checkpointing_ok, stores.is_some());
+        self.opts.micro_batch_rows = cur.micro_batch.max(1) as usize;
+        self.state.memory = Some(guard.state());
+        self.memory = Some(MemoryHook {
+            guard,
+            stores,
+            checkpointing: cur.checkpointing,
+            offload: cur.offload,
+        });
+        Ok(self)
+    }
+
+    /// The strategy the memory guard runs now, when one is attached.
+    pub fn memory_strategy(&self) -> Option<eg_memory::Strategy> {
+        self.memory.as_ref().map(|h| h.guard.current())
+    }
+
+    /// Runs `s`: micro-batch rows, activation checkpointing, optimizer-state store.
+    fn apply_memory_strategy(&mut self, s: eg_memory::Strategy) -> Result<()> {
+        self.opts.micro_batch_rows = s.micro_batch.max(1) as usize;
+        let Some(h) = &mut self.memory else {
+            return Ok(());
+        };
+        if s.checkpointing != h.checkpointing {
+            self.model.set_activation_checkpointing(s.checkpointing)?;
+            h.checkpointing = s.checkpointing;
+        }
+        if s.offload != h.offload
+            && let Some(make) = &mut h.stores
+        {
+            let store = make(s.offload)?;
+            h.offload = s.offload;
+            self.set_optimizer_store(store)?;
+        }
+        Ok(())
+    }
+
+    /// Between updates: the guard reads memory and its decisions are applied and logged.
+    fn poll_memory(&mut self) -> Result<()> {
+        let Some(h) = &mut self.memory else {
+            return Ok(());
+        };
+        let poll = h.guard.poll()?;
+        self.state.memory = Some(h.guard.state());
+        for d in &poll.decisions {
+            self.apply_memory_strategy(d.after)?;
+            self.log_json(&serde_json::json!({
+                "event": "memory",
+                "step": self.state.step,
+                "decision": d,
+                "used_fraction": poll.reading.used_fraction,
+                "others_bytes": poll.others,
+                "projected_bytes": poll.projected,
+            }))?;
+            for cb in &mut self.callbacks {
+                cb.on_memory(d);
+            }
+        }
+        Ok(())
+    }
+
+    /// After a checkpoint was loaded: the guard continues from the saved state (a state
+    /// for another global batch is ignored with a warning).
+    fn restore_memory_guard(&mut self) -> Result<()> {
+        let Some(h) = &mut self.memory else {
+            return Ok(());
+        };
+        if let Some(saved) = self.state.memory.clone()
+            && let Err(e) = h.guard.restore(saved)
+        {
+            tracing::warn!(error = %e, "memory guard: the checkpoint's state does not apply, starting from the plan");
+        }
+        let cur = h.guard.current();
+        self.state.memory = Some(h.guard.state());
+        tracing::info!(strategy = %cur, "memory guard: continuing with the saved strategy");
+        self.apply_memory_strategy(cur)
+    }
+
     /// Restores the newest valid checkpoint, if any; returns its step. Invalid checkpoints
     /// are skipped with a warning; a checkpoint written with another thread count is used
     /// with a warning (results may then differ in the last bits).
@@ -573,6 +716,7 @@ impl<M: TrainModel> Trainer<M> {
             loss_scaler,
             ..state
         };
+        self.restore_memory_guard()?;
         let cursor = Cursor::from_json(&data.cursor_json)?;
         self.loader.restore(&cursor)?;
         self.snapshot = Some(self.capture()?);
@@ -709,6 +853,7 @@ impl<M: TrainModel> Trainer<M> {
             for cb in &mut self.callbacks {
                 cb.on_step_start(step);
             }
+            self.poll_memory()?;
             let t0 = Instant::now();
             let Some(batch) = self.next_batch()? else {
                 if step == 0 && last_loss.is_none() {
@@ -1108,7 +1253,11 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
         let keep = serde_json::from_str::<serde_json::Value>(line)
             .ok()
             .is_some_and(|v| {
-                let anomaly = v.get("event").and_then(|e| e.as_str()) == Some("anomaly");
+                // So are memory decisions taken before the update after it.
+                let anomaly = matches!(
+                    v.get("event").and_then(|e| e.as_str()),
+                    Some("anomaly" | "memory")
+                );
                 v.get("step")
                     .and_then(|s| s.as_u64())
                     .is_some_and(|s| if anomaly { s < step } else { s <= step })
