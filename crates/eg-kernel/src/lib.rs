@@ -71,6 +71,7 @@
 
 mod builder;
 pub mod checkpoint;
+pub mod dpo;
 mod error;
 pub mod fsio;
 mod grads;
@@ -83,6 +84,7 @@ mod tensors;
 mod trainer;
 
 pub use builder::{Checkpoints, OptimizerSpec, ScheduleSpec, TrainerBuilder};
+pub use dpo::Dpo;
 pub use error::{Error, Result};
 pub use loss_scale::{LossScaler, ScaleUpdate};
 pub use objective::{CausalLm, MicroLoss, Objective};

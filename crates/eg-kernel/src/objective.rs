@@ -177,9 +177,9 @@ pub fn row_targets(batch: &Batch, rows: &Range<usize>) -> Vec<Option<u32>> {
     out
 }
 
-/// A tensor's single value as f64.
+/// A tensor's single value as f64 (exact for f32 and f64 tensors).
 pub(crate) fn scalar(t: &Tensor) -> Result<f64> {
-    Ok(f64::from(t.to_dtype(DType::F32)?.to_scalar::<f32>()?))
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
 impl<M: TrainModel> Objective<M> for CausalLm {

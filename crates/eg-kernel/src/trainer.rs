@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
-use eg_data::{Batch, Cursor, Loader, LoaderOptions, Placement, TokenDataset};
+use eg_data::{Batch, BatchSource, Loader, LoaderOptions, Placement, TokenDataset};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, CheckpointData};
@@ -53,6 +53,28 @@ pub trait TrainModel {
             issue: 6,
         })
     }
+    /// Whether the model trains adapters over a frozen base (LoRA): DPO then uses the base
+    /// ([`TrainModel::base_logits`]) as its reference.
+    fn has_adapters(&self) -> bool {
+        false
+    }
+    /// Logits of the model with its adapters disabled (the frozen base), detached: DPO's
+    /// reference with no second copy of the weights. `Ok(None)` when the model has no
+    /// adapters (DPO then keeps a [`TrainModel::frozen_copy`]).
+    fn base_logits(&self, _ids: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    /// A copy of the model with weights of its own (nothing shared, never trained): DPO's
+    /// frozen reference for a model without adapters.
+    fn frozen_copy(&self) -> Result<Self>
+    where
+        Self: Sized,
+    {
+        Err(Error::Unsupported {
+            what: "a frozen reference copy of this model",
+            issue: 6,
+        })
+    }
 }
 
 impl TrainModel for eg_model::Llama {
@@ -69,6 +91,40 @@ impl TrainModel for eg_model::Llama {
 
     fn set_training(&self, training: bool) {
         self.set_lora_training(training);
+    }
+
+    fn packed_logits(&self, ids: &Tensor, positions: &Tensor, doc_ids: &[u32]) -> Result<Tensor> {
+        Ok(self.forward_packed(ids, positions, doc_ids)?)
+    }
+
+    fn has_adapters(&self) -> bool {
+        self.lora_config().is_some()
+    }
+
+    fn base_logits(&self, ids: &Tensor) -> Result<Option<Tensor>> {
+        if self.lora_config().is_none() {
+            return Ok(None);
+        }
+        self.set_adapters_enabled(false)?;
+        let logits = self.forward(ids);
+        self.set_adapters_enabled(true)?;
+        Ok(Some(logits?.detach()))
+    }
+
+    fn frozen_copy(&self) -> Result<Self> {
+        if self.lora_config().is_some() {
+            return Err(Error::Unsupported {
+                what: "a frozen copy of a model with adapters (disable the adapters instead)",
+                issue: 6,
+            });
+        }
+        let mut tensors = std::collections::HashMap::new();
+        for (name, var) in self.params().iter() {
+            tensors.insert(name.to_string(), var.as_tensor().detach().copy()?);
+        }
+        let mut copy = eg_model::Llama::from_tensors(self.config(), tensors, self.dtype())?;
+        copy.set_attention(self.attention());
+        Ok(copy)
     }
 
     fn set_activation_checkpointing(&self, on: bool) -> Result<()> {
@@ -347,7 +403,8 @@ struct Snapshot {
     weights: Arc<crate::checkpoint::NamedBuffers>,
     /// In RAM, or kept by an offloading state store in its files.
     optimizer: OptimizerSnapshot,
-    cursor: Cursor,
+    /// The data source's cursor (JSON, as checkpoints store it).
+    cursor: Vec<u8>,
     detector: Option<SpikeDetector>,
 }
 
@@ -358,7 +415,7 @@ pub struct Trainer<M: TrainModel> {
     names: Vec<String>,
     vars: Vec<Var>,
     optimizer: Optimizer,
-    loader: Loader,
+    loader: Box<dyn BatchSource>,
     eval: Option<EvalSet>,
     opts: TrainerOptions,
     callbacks: Vec<Box<dyn Callback>>,
@@ -413,7 +470,7 @@ impl<M: TrainModel> Trainer<M> {
     pub fn new(
         model: M,
         optimizer: Optimizer,
-        loader: Loader,
+        loader: impl BatchSource + 'static,
         opts: TrainerOptions,
     ) -> Result<Self> {
         let invalid = |option, reason: &str| Error::InvalidOption {
@@ -442,7 +499,7 @@ impl<M: TrainModel> Trainer<M> {
             names,
             vars,
             optimizer,
-            loader,
+            loader: Box::new(loader),
             eval: None,
             stop: Arc::new(AtomicBool::new(false)),
             state: TrainerState {
@@ -717,8 +774,7 @@ impl<M: TrainModel> Trainer<M> {
             ..state
         };
         self.restore_memory_guard()?;
-        let cursor = Cursor::from_json(&data.cursor_json)?;
-        self.loader.restore(&cursor)?;
+        self.loader.restore_json(&data.cursor_json)?;
         self.snapshot = Some(self.capture()?);
         Ok(())
     }
@@ -736,7 +792,7 @@ impl<M: TrainModel> Trainer<M> {
             tokens_seen: self.state.tokens_seen,
             weights: Arc::new(weights),
             optimizer: self.optimizer.snapshot()?,
-            cursor: self.loader.cursor(),
+            cursor: self.loader.cursor_json()?,
             detector: self.state.detector.clone(),
         })
     }
@@ -754,7 +810,7 @@ impl<M: TrainModel> Trainer<M> {
             set_var(n, v, p)?;
         }
         self.optimizer.restore(&s.optimizer)?;
-        self.loader.restore(&s.cursor)?;
+        self.loader.restore_json(&s.cursor)?;
         let from = self.state.step;
         self.state.step = s.step;
         self.state.tokens_seen = s.tokens_seen;
@@ -1196,7 +1252,7 @@ impl<M: TrainModel> Trainer<M> {
                 what: "trainer.json",
                 source,
             })?,
-            cursor_json: self.loader.cursor().to_json()?,
+            cursor_json: self.loader.cursor_json()?,
             config_toml: self.opts.config_toml.clone(),
             eval_loss,
             threads: self.state.threads,

@@ -6,6 +6,7 @@ mod tests {
     mod checkpointing;
     mod checkpoints;
     pub(crate) mod common;
+    mod dpo;
     mod guards;
     mod loop_;
     mod lora;
