@@ -72,6 +72,7 @@
 mod builder;
 pub mod checkpoint;
 pub mod dpo;
+pub mod encoder;
 mod error;
 pub mod fsio;
 mod grads;
@@ -84,6 +85,7 @@ mod tensors;
 mod trainer;
 
 pub use builder::{Checkpoints, OptimizerSpec, ScheduleSpec, TrainerBuilder};
+pub use encoder::{BertTask, Classification, Embedding};
 pub use dpo::Dpo;
 pub use error::{Error, Result};
 pub use loss_scale::{LossScaler, ScaleUpdate};

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Tensor, Var};
 use eg_data::{Batch, BatchSource, Loader, LoaderOptions, Placement, TokenDataset};
 use serde::{Deserialize, Serialize};
 
@@ -30,6 +30,24 @@ pub trait TrainModel {
     fn logits(&self, ids: &Tensor) -> Result<Tensor>;
     /// Switches training-only behaviour (dropout) on or off; evaluation turns it off.
     fn set_training(&self, _training: bool) {}
+    /// Sequence-classification logits `[batch, num_labels]` for padded token ids and their
+    /// attention mask (`[batch, len]` u32, 1 = token); `seed` draws the dropout mask in
+    /// training mode. Models without a classification head return [`Error::Unsupported`].
+    fn class_logits(&self, _ids: &Tensor, _mask: &Tensor, _seed: u64) -> Result<Tensor> {
+        Err(Error::Unsupported {
+            what: "sequence classification for this model",
+            issue: 6,
+        })
+    }
+    /// L2-normalised sentence embeddings `[batch, dim]` (mean over the tokens the mask
+    /// keeps) for padded token ids and their attention mask. Models without them return
+    /// [`Error::Unsupported`].
+    fn embeddings(&self, _ids: &Tensor, _mask: &Tensor) -> Result<Tensor> {
+        Err(Error::Unsupported {
+            what: "sentence embeddings for this model",
+            issue: 6,
+        })
+    }
     /// Turns activation checkpointing on or off from the next forward pass
     /// (`memory.activation_checkpointing`, or a memory controller between steps). Models
     /// without it return [`Error::Unsupported`].
@@ -177,12 +195,16 @@ pub struct StepMetrics {
 pub struct EvalMetrics {
     /// Updates done.
     pub step: u64,
-    /// Mean loss per predicted token.
+    /// Mean loss per predicted token (per example, per pair: the objective's normaliser).
     pub loss: f64,
     /// `exp(loss)`.
     pub perplexity: f64,
-    /// Predicted tokens evaluated.
+    /// Predicted tokens evaluated (examples, pairs: what the loss is averaged over).
     pub tokens: u64,
+    /// The objective's metrics beyond the loss, averaged like it (e.g. classification's
+    /// `accuracy`); the `metrics.jsonl` line holds them under `extra`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, f64>,
 }
 
 /// What a guard saw.
@@ -1152,39 +1174,42 @@ impl<M: TrainModel> Trainer<M> {
             });
         };
         let mut loader = Loader::new(ev.data.clone(), ev.opts.clone(), Placement::SINGLE)?;
+        // The objective's loss with a normaliser of 1 is the micro-batch's *sum*; the mean
+        // is taken over the normalisers of all evaluated batches.
         let mut sum = 0.0f64;
-        let mut n = 0u64;
-        let mb = self.opts.micro_batch_rows;
+        let mut n = 0.0f64;
+        let mut extra: BTreeMap<String, f64> = BTreeMap::new();
+        let group = self.objective.row_group().max(1);
+        let mb = self.opts.micro_batch_rows.div_ceil(group) * group;
         for _ in 0..self.opts.eval_max_batches.max(1) {
             let Some(b) = loader.next_batch()? else { break };
-            let targets = batch_targets(&b);
-            let seq = b.seq_len;
+            let norm = self.objective.normaliser(&b)?;
+            if norm <= 0.0 {
+                continue;
+            }
             let mut r0 = 0;
             while r0 < b.rows {
                 let r1 = (r0 + mb).min(b.rows);
-                let t = &targets[r0 * seq..r1 * seq];
-                let count = t.iter().filter(|t| t.is_some()).count();
-                if count > 0 {
-                    let ids = Tensor::from_slice(
-                        &b.input_ids[r0 * seq..r1 * seq],
-                        (r1 - r0, seq),
-                        &Device::Cpu,
-                    )?;
-                    let logits = self.model.logits(&ids)?.detach();
-                    let ce = eg_model::ops::cross_entropy(&logits, t)?;
-                    sum += f64::from(ce.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?)
-                        * count as f64;
-                    n += count as u64;
+                if let Some(m) = self.objective.micro_loss(&self.model, &b, r0..r1, 1.0)? {
+                    sum += m.value;
+                    for (k, v) in m.metrics {
+                        *extra.entry(k.to_string()).or_insert(0.0) += v;
+                    }
                 }
                 r0 = r1;
             }
+            n += norm;
         }
-        let loss = if n > 0 { sum / n as f64 } else { f64::NAN };
+        let loss = if n > 0.0 { sum / n } else { f64::NAN };
+        for v in extra.values_mut() {
+            *v /= n;
+        }
         let e = EvalMetrics {
             step: self.state.step,
             loss,
             perplexity: loss.exp(),
-            tokens: n,
+            tokens: n as u64,
+            extra,
         };
         if self.state.best_eval.is_none_or(|b| loss < b) {
             self.state.best_eval = Some(loss);

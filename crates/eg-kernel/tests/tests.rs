@@ -5,6 +5,7 @@ mod tests {
     mod builder;
     mod checkpointing;
     mod checkpoints;
+    mod classification;
     pub(crate) mod common;
     mod dpo;
     mod guards;
