@@ -238,7 +238,7 @@ impl data::TokenDataset for Subset {
 /// Settings `eg train` does not implement yet are refused with a typed error naming them,
 /// never silently ignored.
 fn check_supported(cfg: &Config) -> anyhow::Result<()> {
-    use config::wire::{Backend, DType as WDType, Mode, OffloadTarget, Parallelism, Precision};
+    use config::wire::{Backend, DType as WDType, Mode, OffloadTarget, Parallelism};
     let refuse =
         |what: &'static str| -> anyhow::Result<()> { Err(exit::Unsupported { what }.into()) };
     if cfg.train.mode != Mode::Pretrain {
@@ -247,14 +247,8 @@ fn check_supported(cfg: &Config) -> anyhow::Result<()> {
         );
     }
     if cfg.model.dtype != WDType::F32 {
-        return refuse("`model.dtype` other than \"f32\" in `eg train`");
-    }
-    if matches!(
-        cfg.train.precision.compute,
-        Precision::Bf16 | Precision::F16
-    ) {
         return refuse(
-            "`train.precision.compute` = bf16/f16 (\"auto\" trains in f32 today; issues #8, #9)",
+            "`model.dtype` other than \"f32\" in `eg train` (trainable weights are f32 master copies; `train.precision.compute` sets bf16/f16 compute)",
         );
     }
     if cfg.memory.offload != config::Offload::None || cfg.wire.memory.offload != OffloadTarget::None
@@ -319,6 +313,29 @@ fn adapt_model(cfg: &Config, mut model: Llama, desc: String) -> anyhow::Result<(
         _ => (model.with_lora(&lcfg, seed)?, "LoRA"),
     };
     Ok((model, format!("{desc} + {kind} rank {}", l.rank)))
+}
+
+/// The compute precision (issue #8): eg-memory's selector over the CPU's features and the
+/// GEMM speeds `eg hw --probe` cached in `.eg-cache/hardware`, if any. Parameters stay f32
+/// master weights whatever it chooses.
+fn choose_precision(cfg: &Config) -> elastic_guardian::memory::PrecisionChoice {
+    use elastic_guardian::{hardware as hw, memory as mem};
+    let report = hw::Detector::new(hw::Root::host())
+        .gpu(hw::GpuQuery::Skip)
+        .detect();
+    let features = report.cpu.features.clone().unwrap_or_default();
+    let fingerprint = hw::capacity::machine_fingerprint(&report);
+    // A missing or unreadable cache only means no measurement (auto then keeps f32 on a CPU).
+    let gemm = hw::capacity::read_cache(Path::new(".eg-cache/hardware"), &fingerprint)
+        .ok()
+        .flatten()
+        .map(|c| mem::GemmSpeeds::from_capacity(&c));
+    let facts = mem::PrecisionFacts::cpu(&features, gemm);
+    mem::select(
+        cfg.train.precision.compute,
+        cfg.train.precision.loss_scale,
+        &facts,
+    )
 }
 
 fn load_model(cfg: &Config, vocab: usize) -> anyhow::Result<(Llama, String)> {
@@ -396,7 +413,13 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     check_supported(&cfg)?;
     let data = load_data(&cfg)?;
     let (model, model_desc) = load_model(&cfg, data.vocab)?;
-    let (model, model_desc) = adapt_model(&cfg, model, model_desc)?;
+    let (mut model, model_desc) = adapt_model(&cfg, model, model_desc)?;
+    let precision = choose_precision(&cfg);
+    model.set_compute_dtype(match precision.precision {
+        elastic_guardian::memory::Precision::Bf16 => DType::BF16,
+        elastic_guardian::memory::Precision::F16 => DType::F16,
+        _ => DType::F32,
+    })?;
     let seq = cfg.data.seq_len.0 as usize;
     let rows = (cfg.train.batch.global_tokens.0 as usize / seq).max(1);
     let micro = cfg
@@ -465,6 +488,20 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         ),
     };
     let mut trainer = Trainer::new(model, optimizer, loader, opts)?;
+    if precision.loss_scaling {
+        let scaler = kernel::LossScaler::new(cfg.train.precision.initial_scale)?;
+        trainer = trainer.with_loss_scaler(scaler);
+    }
+    eprintln!(
+        "precision: {} ({}{})",
+        precision.precision,
+        precision.reason,
+        if precision.loss_scaling {
+            ", dynamic loss scaling"
+        } else {
+            ""
+        }
+    );
     if let Some(eval) = data.eval.clone() {
         trainer = trainer.with_eval(EvalSet {
             data: eval,
