@@ -48,6 +48,7 @@ use std::io::{Seek, SeekFrom};
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -151,7 +152,8 @@ struct Unit {
 
 enum Job {
     Prefetch(Unit),
-    Release(Unit, Flush),
+    /// The unit, how to flush it, and its bytes (counted in `Worker::releasing`).
+    Release(Unit, Flush, u64),
     Barrier(Sender<()>),
 }
 
@@ -162,9 +164,11 @@ struct Worker {
     tx: Sender<Job>,
     handle: Option<JoinHandle<()>>,
     failure: Failure,
+    /// Bytes of updated units queued for release and not released yet (still resident).
+    releasing: Arc<AtomicU64>,
 }
 
-fn run_worker(rx: Receiver<Job>, failure: Failure) {
+fn run_worker(rx: Receiver<Job>, failure: Failure, releasing: Arc<AtomicU64>) {
     let fail = |e: Error| {
         if let Ok(mut f) = failure.lock()
             && f.is_none()
@@ -194,7 +198,7 @@ fn run_worker(rx: Receiver<Job>, failure: Failure) {
                     }
                 }
             }
-            Job::Release(u, flush) => {
+            Job::Release(u, flush, bytes) => {
                 for r in &u.ranges {
                     if r.is_empty() {
                         continue;
@@ -242,6 +246,7 @@ fn run_worker(rx: Receiver<Job>, failure: Failure) {
                         }
                     }
                 }
+                releasing.fetch_sub(bytes, Ordering::AcqRel);
             }
             Job::Barrier(done) => {
                 let _ = done.send(());
@@ -374,9 +379,11 @@ impl DiskStore {
         let (tx, rx) = channel();
         let failure: Failure = Arc::new(Mutex::new(None));
         let f2 = failure.clone();
+        let releasing = Arc::new(AtomicU64::new(0));
+        let r2 = releasing.clone();
         let handle = std::thread::Builder::new()
             .name("eg-offload".into())
-            .spawn(move || run_worker(rx, f2))
+            .spawn(move || run_worker(rx, f2, r2))
             .map_err(io_err(&root, "start the offload thread for"))?;
         tracing::info!(dir = %root.display(), window = opts.window, flush = ?opts.flush, "optimizer state offloaded to disk");
         Ok(Self {
@@ -388,6 +395,7 @@ impl DiskStore {
                 tx,
                 handle: Some(handle),
                 failure,
+                releasing,
             },
             order: Vec::new(),
             ahead: VecDeque::new(),
@@ -620,8 +628,32 @@ impl DiskStore {
         }
         let p = self.param(param)?;
         let elems = elems.start.min(p.len)..elems.end.min(p.len);
-        let (unit, _) = self.unit_of(p, elems.clone());
-        self.send(Job::Release(unit, self.opts.flush))?;
+        let (unit, bytes) = self.unit_of(p, elems.clone());
+        // Back-pressure: updated units waiting for write-back are still resident; do not let
+        // them grow past the window (with Flush::Eager the disk sets the pace).
+        let mut waited = 0u32;
+        while self.worker.releasing.load(Ordering::Acquire) > self.opts.window {
+            self.check_failure()?;
+            if self
+                .worker
+                .handle
+                .as_ref()
+                .is_none_or(JoinHandle::is_finished)
+            {
+                return Err(Error::Offload {
+                    path: self.root.clone(),
+                    action: "write back",
+                    source: std::io::Error::other("the offload thread stopped"),
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+            waited += 1;
+            if waited == 50_000 {
+                tracing::warn!(dir = %self.root.display(), "offload write-back is 10 s behind the optimizer");
+            }
+        }
+        self.worker.releasing.fetch_add(bytes, Ordering::AcqRel);
+        self.send(Job::Release(unit, self.opts.flush, bytes))?;
         // Where are we in the order? The unit holding the range's last element.
         let chunk = self.chunk_elems();
         let c = elems.end.saturating_sub(1) / chunk;

@@ -1,0 +1,187 @@
+//! Peak RSS and step time with the optimizer state in RAM vs in memory-mapped files
+//! (eg-memory's `DiskStore`, issue #8). One store per process, so each peak RSS (`VmHWM`,
+//! reset after the model is built) is that store's own:
+//!
+//! ```text
+//! cargo build --release -p eg-kernel --example offload_bench
+//! target/release/examples/offload_bench ram  [steps] [rows] [dir]
+//! target/release/examples/offload_bench disk [steps] [rows] [dir]   # Flush::Lazy
+//! target/release/examples/offload_bench eager [steps] [rows] [dir]  # Flush::Eager
+//! ```
+//! The model is the ~110M Llama of `lora_bench` (hidden 768, 12 layers, 12 heads,
+//! intermediate 2048, vocab 32000, tied embeddings), full fine-tuning with AdamW, so the
+//! state is 2 × 4 × 110M ≈ 880 MB; sequences of 128 tokens, `rows` of them per step
+//! (default 2), `steps` updates (default 8), offload files under `dir` (default
+//! `target/offload-bench`). Step time is the median of the steps after the first two;
+//! CPU time is the process's (user + system, all threads, `/proc/self/stat`) per step over the
+//! same steps. The 1-minute load average is printed with the figures.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use eg_data::{InMemoryDataset, Loader, LoaderOptions, Placement};
+use eg_kernel::{
+    Callback, DiskStore, DiskStoreOptions, Optimizer, OptimizerKind, RamStore, Schedule,
+    StateStore, StepMetrics, TrainModel, Trainer, TrainerOptions,
+};
+use eg_memory::offload::Flush;
+use eg_model::{Llama, LlamaConfig};
+
+const SEQ: usize = 128;
+
+fn status_kb(key: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn load1() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// Process CPU time (user + system, all threads) from `/proc/self/stat`, in seconds
+/// (USER_HZ is 100 on Linux).
+fn cpu_secs() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start at field 3.
+    let rest = s.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 (1-based): 11 and 12 after the name.
+    (tick(11) + tick(12)) / 100.0
+}
+
+/// Per step: wall seconds, process CPU seconds at its end, RSS (KiB) at its end, loss.
+type Row = (f64, f64, u64, f64);
+
+#[derive(Default)]
+struct Record(Arc<Mutex<Vec<Row>>>);
+
+impl Callback for Record {
+    fn on_step_end(&mut self, m: &StepMetrics) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((m.step_secs, cpu_secs(), status_kb("VmRSS:"), m.loss));
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let mode = args.get(1).cloned().unwrap_or_else(|| "ram".into());
+    let steps: u64 = args.get(2).map_or(8, |s| s.parse().unwrap());
+    let rows: usize = args.get(3).map_or(2, |s| s.parse().unwrap());
+    let dir = PathBuf::from(
+        args.get(4)
+            .cloned()
+            .unwrap_or_else(|| "target/offload-bench".into()),
+    );
+    let load_start = load1();
+    let cfg = LlamaConfig {
+        hidden_size: 768,
+        intermediate_size: 2048,
+        num_hidden_layers: 12,
+        num_attention_heads: 12,
+        num_key_value_heads: Some(12),
+        vocab_size: 32000,
+        max_position_embeddings: SEQ,
+        tie_word_embeddings: true,
+        ..LlamaConfig::tiny_for_tests()
+    };
+    let model = Llama::init(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
+    let params: usize = model.params().num_elements();
+    // Reset the peak so the figure is the training's own (Linux: "5" to clear_refs).
+    let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+    let rss_start = status_kb("VmRSS:");
+    let docs = (0..2000u32).map(|i| {
+        (0..(50 + i % 300))
+            .map(|j| (i.wrapping_mul(2_654_435_761) ^ j.wrapping_mul(40_503)) % 31_000 + 1)
+            .collect::<Vec<u32>>()
+    });
+    let data = Arc::new(InMemoryDataset::from_docs(docs));
+    let lo = LoaderOptions {
+        seq_len: SEQ,
+        rows_per_step: rows,
+        eos_id: Some(0),
+        seed: 1,
+        ..LoaderOptions::default()
+    };
+    let loader = Loader::new(data, lo, Placement::SINGLE).unwrap();
+    let shapes: Vec<_> = model
+        .named_params()
+        .iter()
+        .map(|(n, v)| (n.clone(), v.dims().to_vec()))
+        .collect();
+    let kind = OptimizerKind::AdamW {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+    };
+    let store: Box<dyn StateStore> = match mode.as_str() {
+        "ram" => Box::new(RamStore::new()),
+        "disk" | "eager" => {
+            let flush = if mode == "eager" {
+                Flush::Eager
+            } else {
+                Flush::Lazy
+            };
+            let o = DiskStoreOptions {
+                flush,
+                ..DiskStoreOptions::default()
+            };
+            Box::new(DiskStore::create(&dir, o).unwrap())
+        }
+        other => panic!("unknown store {other:?}: ram, disk or eager"),
+    };
+    let opt = Optimizer::with_store(kind, 0.01, &shapes, store).unwrap();
+    let state_bytes = 2 * 4 * params as u64;
+    let o = TrainerOptions {
+        max_steps: steps,
+        micro_batch_rows: rows,
+        schedule: Schedule::constant(1e-4),
+        spike: None,
+        ..TrainerOptions::default()
+    };
+    let mut t = Trainer::new(model, opt, loader, o).unwrap();
+    let rec = Record::default();
+    let log = rec.0.clone();
+    t.add_callback(Box::new(rec));
+    let cpu0 = cpu_secs();
+    let start = Instant::now();
+    let r = t.fit().unwrap();
+    let wall = start.elapsed().as_secs_f64();
+    let log = log.lock().unwrap().clone();
+    let skip = 2.min(log.len().saturating_sub(1));
+    let mut times: Vec<f64> = log[skip..].iter().map(|x| x.0).collect();
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let cpu_from = if skip > 0 { log[skip - 1].1 } else { cpu0 };
+    let cpu_per_step = (log.last().unwrap().1 - cpu_from) / (log.len() - skip) as f64;
+    let max_rss_step = log.iter().map(|x| x.2).max().unwrap_or(0);
+    let losses: Vec<String> = log.iter().map(|x| format!("{:.6}", x.3)).collect();
+    println!(
+        "{mode}: {:.1}M parameters, AdamW state {:.0} MiB, batch {rows}x{SEQ}, {} threads, {} steps in {wall:.1} s: median step {median:.3} s, CPU {cpu_per_step:.3} s/step (steps {}..{}), peak RSS {:.0} MiB (reset: {reset}; RSS at start {:.0} MiB; max RSS at a step end {:.0} MiB), load1 {load_start} -> {}, losses [{}]",
+        params as f64 / 1e6,
+        state_bytes as f64 / 1048576.0,
+        eg_kernel::compute_threads(),
+        r.steps,
+        skip + 1,
+        log.len(),
+        status_kb("VmHWM:") as f64 / 1024.0,
+        rss_start as f64 / 1024.0,
+        max_rss_step as f64 / 1024.0,
+        load1(),
+        losses.join(", "),
+    );
+}
