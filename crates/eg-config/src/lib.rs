@@ -58,9 +58,9 @@ pub use reference::reference_markdown;
 pub use units::{ByteSize, ByteSizeError, Bytes, Ratio, SeqLen, Steps, Tokens};
 pub use validate::{
     Augmentation, BatchConfig, CheckpointsConfig, ClassificationConfig, Config, DataConfig, Device,
-    DistConfig, EvalConfig, ExportConfig, GuardsConfig, HardwareConfig, LoraConfig, MemoryConfig,
-    MixSource, ModelConfig, ModelSource, MonitorConfig, Offload, OptimizerConfig, PrecisionConfig,
-    RunConfig, ScheduleConfig, SpikeConfig, TrainConfig, check_log_filter,
+    DistConfig, DpoConfig, EvalConfig, ExportConfig, GuardsConfig, HardwareConfig, LoraConfig,
+    MemoryConfig, MixSource, ModelConfig, ModelSource, MonitorConfig, Offload, OptimizerConfig,
+    PrecisionConfig, RunConfig, ScheduleConfig, SpikeConfig, TrainConfig, check_log_filter,
 };
 pub use wire::WireConfig;
 

@@ -337,6 +337,19 @@ pub struct ClassificationConfig {
     pub scale: f64,
 }
 
+/// `[train.dpo]`, validated.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DpoConfig {
+    /// Temperature β, > 0.
+    pub beta: f64,
+    /// JSON field of the prompt.
+    pub prompt_field: String,
+    /// JSON field of the chosen response.
+    pub chosen_field: String,
+    /// JSON field of the rejected response.
+    pub rejected_field: String,
+}
+
 /// `[train]`, validated.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct TrainConfig {
@@ -360,6 +373,8 @@ pub struct TrainConfig {
     pub eval: EvalConfig,
     /// Classification and embedding settings.
     pub classification: ClassificationConfig,
+    /// DPO settings.
+    pub dpo: DpoConfig,
 }
 
 /// `[dist]`, validated.
@@ -1054,13 +1069,24 @@ pub(crate) fn validate(w: WireConfig, r: &Resolved) -> Result<Config, Error> {
     };
     if matches!(t.mode, Mode::Sft | Mode::Dpo | Mode::Classification)
         && d.source != DataSource::Jsonl
+        && !(t.mode == Mode::Sft && d.source == DataSource::Tokens)
     {
         c.conflict(
             "train.mode",
             "data.source",
-            "sft, dpo and classification read structured records: set data.source = \"jsonl\"",
+            "sft, dpo and classification read structured records: set data.source = \"jsonl\" (sft also reads chat data prepared with `eg data prepare`: \"tokens\")",
         );
     }
+    let dw = &t.dpo;
+    c.non_empty("train.dpo.prompt_field", &dw.prompt_field);
+    c.non_empty("train.dpo.chosen_field", &dw.chosen_field);
+    c.non_empty("train.dpo.rejected_field", &dw.rejected_field);
+    let dpo = DpoConfig {
+        beta: c.float("train.dpo.beta", dw.beta, 0.0, 1e3, true, false),
+        prompt_field: dw.prompt_field.clone(),
+        chosen_field: dw.chosen_field.clone(),
+        rejected_field: dw.rejected_field.clone(),
+    };
     if t.mode == Mode::Pretrain && d.packing == Packing::BestFit {
         c.conflict(
             "data.packing",
@@ -1100,6 +1126,7 @@ pub(crate) fn validate(w: WireConfig, r: &Resolved) -> Result<Config, Error> {
         checkpoints,
         eval,
         classification,
+        dpo,
     };
 
     // dist

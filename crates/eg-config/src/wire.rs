@@ -849,6 +849,36 @@ impl Default for ClassificationWire {
     }
 }
 
+/// `[train.dpo]`: direct preference optimisation (`train.mode = "dpo"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[serde(default, deny_unknown_fields)]
+pub struct DpoWire {
+    /// Temperature β of the DPO loss −log σ(β·(chosen log-ratio − rejected log-ratio)), > 0; larger keeps the policy closer to the reference.
+    #[cfg_attr(test, proptest(strategy = "crate::wire::arb::float()"))]
+    pub beta: f64,
+    /// JSON field of the prompt: a string, or a list of chat messages rendered with the tokenizer's chat template.
+    #[cfg_attr(test, proptest(strategy = "crate::wire::arb::text()"))]
+    pub prompt_field: String,
+    /// JSON field of the preferred response (a string, or messages whose last assistant turn is taken).
+    #[cfg_attr(test, proptest(strategy = "crate::wire::arb::text()"))]
+    pub chosen_field: String,
+    /// JSON field of the dispreferred response.
+    #[cfg_attr(test, proptest(strategy = "crate::wire::arb::text()"))]
+    pub rejected_field: String,
+}
+
+impl Default for DpoWire {
+    fn default() -> Self {
+        DpoWire {
+            beta: 0.1,
+            prompt_field: "prompt".to_string(),
+            chosen_field: "chosen".to_string(),
+            rejected_field: "rejected".to_string(),
+        }
+    }
+}
+
 /// `[train]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
@@ -875,6 +905,8 @@ pub struct TrainWire {
     pub eval: EvalWire,
     /// Sequence classification and embedding fine-tuning (`mode = "classification"`).
     pub classification: ClassificationWire,
+    /// Direct preference optimisation (`mode = "dpo"`).
+    pub dpo: DpoWire,
 }
 
 impl Default for TrainWire {
@@ -890,6 +922,7 @@ impl Default for TrainWire {
             checkpoints: CheckpointsWire::default(),
             eval: EvalWire::default(),
             classification: ClassificationWire::default(),
+            dpo: DpoWire::default(),
         }
     }
 }

@@ -652,3 +652,9 @@ fn mixing_into_the_embedded_corpus_is_a_conflict() {
         "{e}"
     );
 }
+
+#[test]
+fn dpo_beta_must_be_positive() {
+    let (e, p) = file_error("run.toml", "[train.dpo]\nbeta = 0.0\n");
+    assert_error(&e, "train.dpo.beta", &at_file(&p, 2), &["(0, 1000]"]);
+}
