@@ -20,6 +20,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::exit;
 
+mod encoder;
+
 /// Bytes of generated text for `data.source = "embedded"`.
 const EMBEDDED_BYTES: usize = 1_500_000;
 
@@ -241,10 +243,8 @@ fn check_supported(cfg: &Config) -> anyhow::Result<()> {
     use config::wire::{Backend, DType as WDType, Mode, OffloadTarget, Parallelism};
     let refuse =
         |what: &'static str| -> anyhow::Result<()> { Err(exit::Unsupported { what }.into()) };
-    if cfg.train.mode != Mode::Pretrain {
-        return refuse(
-            "`train.mode` other than \"pretrain\" in `eg train` (SFT, DPO and classification; issue #6)",
-        );
+    if !matches!(cfg.train.mode, Mode::Pretrain | Mode::Classification) {
+        return refuse("`train.mode` = \"sft\" or \"dpo\" in `eg train` (issue #6)");
     }
     if cfg.model.dtype != WDType::F32 {
         return refuse(
@@ -411,6 +411,9 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
 
     check_supported(&cfg)?;
+    if cfg.train.mode == config::wire::Mode::Classification {
+        return encoder::run(&cfg, &args, stop);
+    }
     let data = load_data(&cfg)?;
     let (model, model_desc) = load_model(&cfg, data.vocab)?;
     let (mut model, model_desc) = adapt_model(&cfg, model, model_desc)?;
