@@ -251,6 +251,60 @@ impl Controller {
         Some(s)
     }
 
+    /// Starts a *probe*: the first step runs at micro-batch 1 (accumulation = the global
+    /// batch), so the job's real memory can be measured before a larger micro-batch risks
+    /// an OOM kill; [`Controller::settle`] then grows back as far as the measurement allows.
+    /// Recorded as one [`Action::ShrinkMicroBatch`] at [`Level::Normal`].
+    pub fn probe(&mut self, at_ms: u64) -> Option<Decision> {
+        let before = self.current;
+        if before.micro_batch <= 1 {
+            return None;
+        }
+        let g = self.cfg.global_sequences;
+        // One undo entry per halving, so growing back retraces the usual steps.
+        let mut m = before.micro_batch;
+        while m > 1 {
+            let half = m / 2;
+            let to = divisors(g)
+                .into_iter()
+                .filter(|d| *d <= half)
+                .max()
+                .unwrap_or(1);
+            self.undo.push(Action::ShrinkMicroBatch { from: m, to });
+            m = to;
+        }
+        self.current.micro_batch = 1;
+        self.current.accumulation = g;
+        self.last_change_ms = Some(at_ms);
+        Some(self.record(
+            at_ms,
+            Level::Normal,
+            Action::ShrinkMicroBatch {
+                from: before.micro_batch,
+                to: 1,
+            },
+            before,
+        ))
+    }
+
+    /// Ends a probe: grows back at once (no stable period) while `fits` accepts the larger
+    /// strategy, never beyond the plan. Returns the decisions.
+    pub fn settle(&mut self, at_ms: u64, fits: impl Fn(&Strategy) -> bool) -> Vec<Decision> {
+        let mut out = Vec::new();
+        while let Some(next) = self.peek_grow() {
+            if !fits(&next) {
+                break;
+            }
+            match self.grow(at_ms, Level::Normal) {
+                Some(d) => out.push(d),
+                None => break,
+            }
+        }
+        // Growing after a probe is not "pressure came back after a grow".
+        self.last_was_grow = false;
+        out
+    }
+
     /// Feeds the pressure level at time `at_ms`; returns a decision when the strategy
     /// changes (or, once per episode, [`Action::Exhausted`]).
     pub fn observe(&mut self, at_ms: u64, level: Level) -> Option<Decision> {
@@ -520,6 +574,28 @@ mod tests {
         // The stable period counted while blocked: the first unblocked observation grows.
         let d = c.observe(100_001, Level::Normal).unwrap();
         assert_eq!(d.action, Action::GrowMicroBatch { from: 2, to: 4 });
+    }
+
+    #[test]
+    fn probe_then_settle_grows_as_far_as_it_fits() {
+        let mut c = ctl();
+        let d = c.probe(0).unwrap();
+        assert_eq!(d.action, Action::ShrinkMicroBatch { from: 8, to: 1 });
+        assert_eq!((c.current().micro_batch, c.current().accumulation), (1, 16));
+        let grown = c.settle(10, |s| s.micro_batch <= 4);
+        let actions: Vec<Action> = grown.iter().map(|d| d.action).collect();
+        assert_eq!(
+            actions,
+            [
+                Action::GrowMicroBatch { from: 1, to: 2 },
+                Action::GrowMicroBatch { from: 2, to: 4 },
+            ]
+        );
+        assert_eq!(c.current().micro_batch * c.current().accumulation, 16);
+        // The rest grows back after calm as usual, never beyond the plan.
+        assert_eq!(c.peek_grow().map(|s| s.micro_batch), Some(8));
+        assert_eq!(c.settle(20, |_| true).len(), 1);
+        assert_eq!(c.current(), planned());
     }
 
     #[test]

@@ -38,7 +38,7 @@ use crate::pressure::{Level, PressureDetector, Reading, Thresholds};
 pub const KEPT_DECISIONS: usize = 256;
 
 /// Largest factor a measured peak may scale the prediction of a strategy not run yet.
-const MAX_CALIBRATION: f64 = 1.5;
+const MAX_CALIBRATION: f64 = 3.0;
 
 /// Settings of a [`MemoryGuard`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -57,6 +57,11 @@ pub struct GuardConfig {
     pub headroom: f64,
     /// Predicted peak bytes of this process per strategy (from [`crate::plan`]'s model).
     pub predicted: Vec<(Strategy, u64)>,
+    /// Run the first step at micro-batch 1 and grow to the plan only as far as the
+    /// measured peak allows ([`Controller::probe`]): the model's prediction is checked
+    /// before a large micro-batch can be OOM-killed.
+    #[serde(default)]
+    pub probe: bool,
 }
 
 impl GuardConfig {
@@ -86,6 +91,7 @@ impl GuardConfig {
             usable: plan.budget.usable.0,
             headroom,
             predicted,
+            probe: false,
         }
     }
 
@@ -127,6 +133,9 @@ pub struct GuardState {
     pub calibration: f64,
     /// The decisions taken, the most recent [`KEPT_DECISIONS`].
     pub decisions: Vec<Decision>,
+    /// A probe step is running (see [`GuardConfig::probe`]).
+    #[serde(default)]
+    pub probing: bool,
 }
 
 /// The result of one [`MemoryGuard::poll`].
@@ -157,6 +166,8 @@ pub struct MemoryGuard {
     last_events: Option<CgroupEvents>,
     last_run: Option<Strategy>,
     peak_reset: bool,
+    /// Decisions taken outside a poll (the probe), reported by the next one.
+    pending: Vec<Decision>,
 }
 
 impl std::fmt::Debug for MemoryGuard {
@@ -173,9 +184,14 @@ impl MemoryGuard {
     /// A guard starting from `planned`, reading through `sampler`.
     pub fn new(cfg: GuardConfig, sampler: Sampler, planned: Strategy) -> Result<MemoryGuard> {
         cfg.validate()?;
-        let controller = Controller::new(cfg.controller, planned)?;
+        let mut controller = Controller::new(cfg.controller, planned)?;
         let detector = PressureDetector::new(cfg.thresholds)?;
         let peak_reset = live::reset_peak(sampler.root());
+        let probe = if cfg.probe && peak_reset {
+            controller.probe(0)
+        } else {
+            None
+        };
         Ok(MemoryGuard {
             sampler,
             state: GuardState {
@@ -184,8 +200,10 @@ impl MemoryGuard {
                 clock_ms: 0,
                 observed: Vec::new(),
                 calibration: 1.0,
-                decisions: Vec::new(),
+                probing: probe.is_some(),
+                decisions: probe.into_iter().collect(),
             },
+            pending: probe.into_iter().collect(),
             started: Instant::now(),
             offset_ms: 0,
             last_events: None,
@@ -251,6 +269,7 @@ impl MemoryGuard {
         self.state.controller.restrict(ckpt, off);
         self.last_run = None;
         self.last_events = None;
+        self.pending.clear();
         Ok(())
     }
 
@@ -318,7 +337,31 @@ impl MemoryGuard {
         self.last_events = sample.cgroup.and_then(|c| c.events).or(self.last_events);
         let level = self.state.detector.observe(&reading);
         let others = sample.others_bytes();
-        let mut decisions = Vec::new();
+        let mut decisions = std::mem::take(&mut self.pending);
+        let reported = decisions.len();
+        if self.state.probing && self.last_run.is_some() {
+            // The probe step ran: grow as far as the measured peak allows.
+            self.state.probing = false;
+            let room = (self.cfg.usable as f64 * (1.0 - self.cfg.headroom)) as u64;
+            let peaks: Vec<(Strategy, u64)> = self
+                .cfg
+                .predicted
+                .iter()
+                .map(|(s, _)| (*s, self.own_peak(s)))
+                .collect();
+            let fits = |s: &Strategy| {
+                peaks
+                    .iter()
+                    .find(|(p, _)| p == s)
+                    .is_some_and(|(_, b)| others.saturating_add(*b) <= room)
+            };
+            decisions.extend(self.state.controller.settle(at_ms, fits));
+            tracing::info!(
+                calibration = self.state.calibration,
+                strategy = %self.state.controller.current(),
+                "memory guard: probe step measured, settled"
+            );
+        }
         // The next step must fit: shrink now, as far as needed.
         loop {
             let cur = self.state.controller.current();
@@ -369,7 +412,9 @@ impl MemoryGuard {
         if shrunk && self.is_host() {
             live::release_free_memory();
         }
-        self.state.decisions.extend(decisions.iter().copied());
+        self.state
+            .decisions
+            .extend(decisions.iter().skip(reported).copied());
         let excess = self.state.decisions.len().saturating_sub(KEPT_DECISIONS);
         self.state.decisions.drain(..excess);
         let cur = self.state.controller.current();

@@ -63,6 +63,7 @@ fn config(stable_ms: u64) -> GuardConfig {
             (strategy(4), 450 * MB),
             (strategy(8), 700 * MB),
         ],
+        probe: false,
     }
 }
 
@@ -280,4 +281,39 @@ fn v1_oom_kill_in_the_group_shrinks_and_cache_is_ignored() {
         [Action::ShrinkMicroBatch { from: 8, to: 4 }]
     );
     assert!(p.reading.oom_event);
+}
+
+#[test]
+fn probe_measures_at_micro_batch_1_then_grows_as_far_as_it_fits() {
+    let t = tempfile::tempdir().unwrap();
+    status(t.path(), 200 * MB, 200 * MB);
+    v2(t.path(), 200 * MB, 0);
+    let mut cfg = config(60_000);
+    cfg.probe = true;
+    let sampler = Sampler::with_cgroup(
+        Root::new(t.path()),
+        Some((CgroupVersion::V2, "/sys/fs/cgroup/job".into())),
+    );
+    let mut g = MemoryGuard::new(cfg, sampler, strategy(8)).unwrap();
+    // The first update runs at micro-batch 1; the first poll reports that decision.
+    assert_eq!(g.current().micro_batch, 1);
+    let p = g.poll().unwrap();
+    assert_eq!(
+        p.decisions.iter().map(|d| d.action).collect::<Vec<_>>(),
+        [Action::ShrinkMicroBatch { from: 8, to: 1 }]
+    );
+    // It peaked at 400 MB where 250 were predicted: ×1.6, so 2 (528) and 4 (720) are
+    // judged against 810 MB of room: 4 fits, 8 (1120) does not.
+    status(t.path(), 200 * MB, 400 * MB);
+    let p = g.poll().unwrap();
+    assert_eq!(
+        p.decisions.iter().map(|d| d.action).collect::<Vec<_>>(),
+        [
+            Action::GrowMicroBatch { from: 1, to: 2 },
+            Action::GrowMicroBatch { from: 2, to: 4 }
+        ]
+    );
+    assert_eq!(g.current(), strategy(4));
+    assert_eq!(g.state().decisions.len(), 3);
+    assert!(g.poll().unwrap().decisions.is_empty());
 }
