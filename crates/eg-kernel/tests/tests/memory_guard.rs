@@ -68,6 +68,7 @@ fn guard(root: &Path) -> MemoryGuard {
             (strategy(4), 450 * MB),
             (strategy(8), 700 * MB),
         ],
+        probe: false,
     };
     let sampler = Sampler::with_cgroup(
         Root::new(root),
