@@ -240,7 +240,7 @@ impl data::TokenDataset for Subset {
 /// Settings `eg train` does not implement yet are refused with a typed error naming them,
 /// never silently ignored.
 fn check_supported(cfg: &Config) -> anyhow::Result<()> {
-    use config::wire::{Backend, DType as WDType, Mode, OffloadTarget, Parallelism};
+    use config::wire::{Backend, DType as WDType, Mode, Parallelism};
     let refuse =
         |what: &'static str| -> anyhow::Result<()> { Err(exit::Unsupported { what }.into()) };
     if !matches!(cfg.train.mode, Mode::Pretrain | Mode::Classification) {
@@ -251,9 +251,14 @@ fn check_supported(cfg: &Config) -> anyhow::Result<()> {
             "`model.dtype` other than \"f32\" in `eg train` (trainable weights are f32 master copies; `train.precision.compute` sets bf16/f16 compute)",
         );
     }
-    if cfg.memory.offload != config::Offload::None || cfg.wire.memory.offload != OffloadTarget::None
+    // `disk` runs (eg-memory's DiskStore); `ram` is GPU → host RAM, which needs a CUDA
+    // build (the library returns eg-memory's typed FeatureDisabled error): exit 11.
+    if cfg.memory.offload == config::Offload::Ram
+        && elastic_guardian::memory::offload::host_offload_available().is_err()
     {
-        return refuse("`memory.offload` (optimizer-state offload, issue #8)");
+        return refuse(
+            "`memory.offload = \"ram\"` (a GPU model's optimizer state in host RAM needs the `cuda` feature; on a CPU the state is already in RAM: use \"none\", or \"disk\")",
+        );
     }
     if cfg.dist.parallelism != Parallelism::Single
         || matches!(cfg.dist.backend, Backend::Mpi | Backend::Nccl)
@@ -460,7 +465,10 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|(_, s)| s.iter().product::<usize>())
         .sum();
-    let optimizer = Optimizer::new(kind, wd, &shapes)?;
+    // `memory.offload = "disk"`: the state lives in files under `memory.offload_dir`
+    // (scratch; the checkpoints are the durable copy, a restart recreates them).
+    let store = kernel::optim::store_for(&cfg.memory.offload)?;
+    let optimizer = Optimizer::with_store(kind, wd, &shapes, store)?;
     let max_steps = cfg.train.max_steps.0;
     let g = &cfg.train.guards;
     let c = &cfg.train.checkpoints;

@@ -445,6 +445,75 @@ fn unimplemented_settings_are_refused() {
     }
 }
 
+/// `memory.offload = "disk"` (issue #8): the optimizer state lives in files under
+/// `memory.offload_dir` while training, the losses and checkpoints are bitwise those of the
+/// state in RAM, a stopped run resumes from its checkpoint with the files recreated, and the
+/// files are gone after the run. `ram` (GPU → host) needs the cuda feature: exit 11.
+#[test]
+fn disk_offload_trains_resumes_and_cleans_up_like_ram() {
+    // A constant schedule: the first disk process runs to step 4 only, and the learning
+    // rate must not depend on max_steps.
+    let sched = [
+        "train.schedule.kind=constant",
+        "train.schedule.warmup_steps=0",
+    ];
+    let steps = "train.max_steps=6";
+    let ram = tempfile::tempdir().unwrap();
+    let out = eg_train(ram.path(), &[&sched[..], &[steps]].concat())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let disk = tempfile::tempdir().unwrap();
+    let off = disk.path().join("offload");
+    let dir = format!("memory.offload_dir={}", off.display());
+    let args = [sched[0], sched[1], "memory.offload=disk", dir.as_str()];
+    // First 4 steps, then resume to 6 in a second process.
+    let out = eg_train(disk.path(), &[&args[..], &["train.max_steps=4"]].concat())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_dir(&off).unwrap().count(),
+        0,
+        "offload files removed"
+    );
+    let out = eg_train(disk.path(), &[&args[..], &[steps]].concat())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("resuming from step 4"), "{stderr}");
+    assert_eq!(losses(ram.path()), losses(disk.path()));
+    let ckpt =
+        |run: &Path, f: &str| std::fs::read(run.join("checkpoints/step-00000006").join(f)).unwrap();
+    assert!(ckpt(ram.path(), "model.safetensors") == ckpt(disk.path(), "model.safetensors"));
+    assert!(
+        ckpt(ram.path(), "optimizer.safetensors") == ckpt(disk.path(), "optimizer.safetensors")
+    );
+    assert_eq!(
+        std::fs::read_dir(&off).unwrap().count(),
+        0,
+        "offload files removed"
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let out = eg_train(tmp.path(), &["memory.offload=ram"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(11), "{stderr}");
+    assert!(stderr.contains("`cuda` feature"), "{stderr}");
+}
+
 #[test]
 fn mixed_sources_with_their_own_augmentations() {
     let dir = tempfile::tempdir().unwrap();
