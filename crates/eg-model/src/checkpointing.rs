@@ -1,12 +1,15 @@
 //! Activation checkpointing: a transformer block that keeps only its input for the backward
 //! pass and recomputes everything else.
 //!
+//! Switched per model by [`crate::Llama::set_activation_checkpointing`] and
+//! [`crate::Gpt2::set_activation_checkpointing`]; the machinery is internal to this crate.
+//!
 //! ## How it works
 //!
 //! Without checkpointing, candle's graph keeps every intermediate tensor of every block alive
-//! until `backward()` has passed it. [`checkpoint`] runs a block's forward pass on a detached
-//! copy of its input, so the intermediates are freed as soon as the forward is done, and puts
-//! a single custom op in the graph in place of the block. That op's backward re-runs the
+//! until `backward()` has passed it. With checkpointing, a block's forward pass runs on a
+//! detached copy of its input, so the intermediates are freed as soon as the forward is done,
+//! and a single custom op takes the block's place in the graph. That op's backward re-runs the
 //! block's forward on a fresh tracked copy of the input with the real parameters, seeds a
 //! backward pass with the incoming gradient (`sum(y · dy)`, whose gradient with respect to
 //! `y` is exactly `dy`), and returns the input's gradient. Memory held between forward and

@@ -74,7 +74,7 @@ pub mod attention;
 pub mod bert;
 pub mod builtin;
 pub mod causal_lm;
-pub(crate) mod checkpointing;
+pub mod checkpointing;
 pub mod config;
 pub mod gguf;
 pub mod gpt2;
