@@ -1,5 +1,10 @@
 //! Step time of the guarded trainer against bare loops, and the stall of a background
-//! checkpoint. Run in release: `cargo run --release -p eg-kernel --example bench`.
+//! checkpoint. Run in release: `cargo run --release -p eg-kernel --example bench [MODE]`.
+//!
+//! Modes: none (wall and CPU time of the three loops, 3 rounds, then the checkpoint);
+//! `cpu [ROUNDS]` (CPU time of bare vs guarded on one compute thread, load-independent);
+//! `checkpoint` (stall, save time, throughput vs the disk); `run VARIANT STEPS` (one loop,
+//! for profilers; VARIANT is candle, bare or guarded).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::Arc;
@@ -265,47 +270,71 @@ fn variant(name: &str) -> fn(u64) -> (f64, f64) {
     }
 }
 
-/// Instructions executed by `bench run <variant> <steps>` under callgrind (one compute
-/// thread, so no spinning worker inflates the count).
-fn callgrind_instructions(variant: &str, steps: u64) -> u64 {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("cg.out");
-    let exe = std::env::current_exe().unwrap();
-    let status = std::process::Command::new("valgrind")
-        .arg("--tool=callgrind")
-        .arg(format!("--callgrind-out-file={}", out.display()))
-        .arg(&exe)
-        .args(["run", variant, &steps.to_string()])
-        .env("RAYON_NUM_THREADS", "1")
-        .env("CANDLE_NUM_THREADS", "1")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("valgrind not found: apt-get install valgrind");
-    assert!(status.success(), "callgrind run failed");
-    let text = std::fs::read_to_string(&out).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("summary:").or_else(|| l.strip_prefix("totals:")))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("no instruction total in the callgrind output")
-}
-
-/// Per-step instructions of each variant: (I(1 + n) − I(1)) / n, so model set-up, the
-/// warm-up step and the trainer's one-off snapshot cancel out.
-fn instructions() {
-    let n = 2;
-    let mut per = Vec::new();
-    for v in ["bare", "guarded"] {
-        let one = callgrind_instructions(v, 1);
-        let more = callgrind_instructions(v, 1 + n);
-        let p = (more - one) as f64 / n as f64;
-        println!("instructions per step, {v}: {:.4e} (1 step: {one}, {} steps: {more})", p, 1 + n);
-        per.push(p);
+/// CPU time per step of the bare and the guarded loop on one compute thread, alternated
+/// in fresh processes: with one thread no worker spins while waiting, so CPU time counts
+/// the work only and hardly depends on the machine's load. (callgrind instruction counts
+/// were tried: about 1.3M basic blocks per second here, hours for one step of this model.)
+fn cpu_one_thread(rounds: usize) {
+    let mut sums = [0.0f64; 2];
+    for round in 0..rounds {
+        let mut r = [0.0f64; 2];
+        for k in 0..2 {
+            let i = (k + round) % 2;
+            let v = ["bare", "guarded"][i];
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["run", v, &STEPS.to_string()])
+                .env("RAYON_NUM_THREADS", "1")
+                .env("CANDLE_NUM_THREADS", "1")
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "bench run {v} failed");
+            let text = String::from_utf8_lossy(&out.stdout);
+            r[i] = text
+                .split_whitespace()
+                .filter_map(|w| w.parse::<f64>().ok())
+                .nth(1)
+                .unwrap();
+        }
+        println!(
+            "round {round}: CPU s/step on 1 thread: bare in-place {:.4} | guarded {:.4} ({:+.1}%)",
+            r[0],
+            r[1],
+            100.0 * (r[1] / r[0] - 1.0)
+        );
+        for (s, x) in sums.iter_mut().zip(r) {
+            *s += x;
+        }
     }
     println!(
-        "instructions: guarded Trainer vs bare in-place loop: {:+.2}%",
-        100.0 * (per[1] / per[0] - 1.0)
+        "mean over {rounds} rounds: guarded Trainer vs bare in-place loop, CPU on 1 thread: {:+.2}%",
+        100.0 * (sums[1] / sums[0] - 1.0)
+    );
+    // The guards' own work per step, timed alone: the one pass over the gradients (global
+    // norm and finiteness) and the spike detector's robust z-score over its window.
+    let n = model().params().num_elements();
+    let g: Vec<f32> = (0..n).map(|i| (i % 97) as f32 * 1e-3 - 0.05).collect();
+    let reps = 50;
+    let c0 = cpu_secs();
+    let mut acc = 0.0;
+    for _ in 0..reps {
+        acc += eg_kernel::guards::sum_squares(std::hint::black_box(&g));
+    }
+    let norm = (cpu_secs() - c0) / reps as f64;
+    let mut d = eg_kernel::guards::SpikeDetector::new(50, 6.0);
+    for i in 0..50 {
+        d.push(3.0 + (i % 7) as f64 * 0.01);
+    }
+    let c0 = cpu_secs();
+    for _ in 0..10_000 {
+        acc += d.zscore(std::hint::black_box(3.1)).unwrap_or(0.0);
+    }
+    let z = (cpu_secs() - c0) / 10_000.0;
+    let step = sums[0] / rounds as f64;
+    println!(
+        "guards alone: norm+finiteness pass over {n} gradients {:.2} ms ({:.2}% of a bare step), spike z-score {:.1} us (checksum {acc:.3})",
+        norm * 1e3,
+        100.0 * norm / step,
+        z * 1e6
     );
 }
 
@@ -332,7 +361,9 @@ fn main() {
             println!("{wall:.6} {cpu:.6} (wall and CPU s/step of {v})");
             return;
         }
-        Some("instructions") => return instructions(),
+        Some("cpu") => {
+            return cpu_one_thread(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(6));
+        }
         Some("checkpoint") => return checkpoint_report(),
         _ => {}
     }

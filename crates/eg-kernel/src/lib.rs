@@ -82,6 +82,7 @@ pub mod objective;
 pub mod optim;
 pub mod schedule;
 mod tensors;
+mod threads;
 mod trainer;
 
 pub use builder::{Checkpoints, OptimizerSpec, ScheduleSpec, TrainerBuilder};
@@ -95,6 +96,7 @@ pub use optim::{
     RamStore, StateLocation, StateStore,
 };
 pub use schedule::{Schedule, Shape};
+pub use threads::set_compute_threads;
 pub use trainer::{
     Anomaly, Callback, CheckpointOptions, EvalMetrics, EvalSet, FitReport, QuarantineEntry,
     StepMetrics, StoreFactory, TrainModel, Trainer, TrainerOptions, TrainerState, batch_targets,
