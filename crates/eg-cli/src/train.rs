@@ -20,6 +20,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::exit;
 
+mod modes;
+
 mod encoder;
 
 /// Bytes of generated text for `data.source = "embedded"`.
@@ -75,7 +77,10 @@ fn load_data(cfg: &Config) -> anyhow::Result<Data> {
             }
             .into());
         }
-        description.push_str(&format!(" + mix {i} (weight {}): {}", m.weight, d.description));
+        description.push_str(&format!(
+            " + mix {i} (weight {}): {}",
+            m.weight, d.description
+        ));
         train.push(d.train);
         eval.push(d.eval);
     }
@@ -120,10 +125,7 @@ fn load_source(cfg: &Config) -> anyhow::Result<Data> {
             })
         }
         DataSource::Text | DataSource::Jsonl => load_files(cfg),
-        _ => Err(exit::Unsupported {
-            what: "pre-tokenized `tokens` sources in `eg train` (issue #6)",
-        }
-        .into()),
+        _ => modes::load_tokens(cfg),
     }
 }
 
@@ -134,9 +136,7 @@ fn load_files(cfg: &Config) -> anyhow::Result<Data> {
     use config::wire::DataSource;
     let files = data::expand_inputs(&cfg.data.paths)?;
     let format = match cfg.data.source {
-        DataSource::Jsonl => data::Format::Jsonl(data::JsonField::Text(data::FieldPath::parse(
-            &cfg.data.field.join("."),
-        ))),
+        DataSource::Jsonl => data::Format::Jsonl(modes::jsonl_field(cfg)),
         _ => data::Format::Text(data::TextSplit::Paragraphs),
     };
     let stream = data::StreamOptions {
@@ -180,6 +180,7 @@ fn load_files(cfg: &Config) -> anyhow::Result<Data> {
         .find_map(|t| tokenizer.token_id(t));
     let mut popts = data::PrepareOptions::new(format, cfg.data.cache_dir.clone());
     popts.stream = stream;
+    popts.chat_template = modes::chat_template(cfg)?;
     let prepared = data::prepare(&files, &tokenizer, &popts)?;
     let shards: Arc<dyn data::TokenDataset> = Arc::new(prepared.open()?);
     let n = shards.len();
@@ -240,12 +241,9 @@ impl data::TokenDataset for Subset {
 /// Settings `eg train` does not implement yet are refused with a typed error naming them,
 /// never silently ignored.
 fn check_supported(cfg: &Config) -> anyhow::Result<()> {
-    use config::wire::{Backend, DType as WDType, Mode, Parallelism};
+    use config::wire::{Backend, DType as WDType, Parallelism};
     let refuse =
         |what: &'static str| -> anyhow::Result<()> { Err(exit::Unsupported { what }.into()) };
-    if !matches!(cfg.train.mode, Mode::Pretrain | Mode::Classification) {
-        return refuse("`train.mode` = \"sft\" or \"dpo\" in `eg train` (issue #6)");
-    }
     if cfg.model.dtype != WDType::F32 {
         return refuse(
             "`model.dtype` other than \"f32\" in `eg train` (trainable weights are f32 master copies; `train.precision.compute` sets bf16/f16 compute)",
@@ -419,7 +417,11 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     if cfg.train.mode == config::wire::Mode::Classification {
         return encoder::run(&cfg, &args, stop);
     }
-    let data = load_data(&cfg)?;
+    let pairs = modes::load_pairs(&cfg)?;
+    let data = match &pairs {
+        Some(p) => p.data(),
+        None => load_data(&cfg)?,
+    };
     let (model, model_desc) = load_model(&cfg, data.vocab)?;
     let (mut model, model_desc) = adapt_model(&cfg, model, model_desc)?;
     let precision = choose_precision(&cfg);
@@ -452,8 +454,17 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         shuffle: cfg.data.shuffle,
         epochs: None,
     };
-    let loader = Loader::new(data.train.clone(), lopts.clone(), Placement::SINGLE)?;
-    let loader = crate::augment::apply(loader, &cfg, data.eos.unwrap_or(lopts.pad_id));
+    let loader: Box<dyn data::BatchSource> = match &pairs {
+        Some(p) => Box::new(p.loader(&cfg, rows)?),
+        None => {
+            let loader = Loader::new(data.train.clone(), lopts.clone(), Placement::SINGLE)?;
+            Box::new(crate::augment::apply(
+                loader,
+                &cfg,
+                data.eos.unwrap_or(lopts.pad_id),
+            ))
+        }
+    };
     let (kind, peak, wd): (OptimizerKind, f64, f64) =
         OptimizerKind::from_config(&cfg.train.optimizer)?;
     let shapes: Vec<(String, Vec<usize>)> = model
@@ -498,7 +509,8 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
                 .context("serialising the resolved configuration")?,
         ),
     };
-    let mut trainer = Trainer::new(model, optimizer, loader, opts)?;
+    let objective = modes::objective(&cfg, &model)?;
+    let mut trainer = Trainer::new(model, optimizer, loader, opts)?.with_objective(objective);
     if precision.loss_scaling {
         let scaler = kernel::LossScaler::new(cfg.train.precision.initial_scale)?;
         trainer = trainer.with_loss_scaler(scaler);

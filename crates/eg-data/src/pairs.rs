@@ -40,6 +40,20 @@ pub trait BatchSource: Send {
     fn restore_json(&mut self, bytes: &[u8]) -> Result<()>;
 }
 
+impl<T: BatchSource + ?Sized> BatchSource for Box<T> {
+    fn next_batch(&mut self) -> Result<Option<Batch>> {
+        (**self).next_batch()
+    }
+
+    fn cursor_json(&self) -> Result<Vec<u8>> {
+        (**self).cursor_json()
+    }
+
+    fn restore_json(&mut self, bytes: &[u8]) -> Result<()> {
+        (**self).restore_json(bytes)
+    }
+}
+
 impl BatchSource for Loader {
     fn next_batch(&mut self) -> Result<Option<Batch>> {
         Loader::next_batch(self)
