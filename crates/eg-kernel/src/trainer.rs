@@ -142,6 +142,7 @@ impl TrainModel for eg_model::Llama {
         }
         let mut copy = eg_model::Llama::from_tensors(self.config(), tensors, self.dtype())?;
         copy.set_attention(self.attention());
+        copy.set_compute_dtype(self.compute_dtype())?;
         Ok(copy)
     }
 
