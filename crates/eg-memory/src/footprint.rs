@@ -157,6 +157,35 @@ impl Precision {
         self != Precision::F32
     }
 
+    /// Bytes per gradient element of the trainable parameters in candle's gradient store:
+    /// 4 for every precision (mixed precision casts the f32 master weights at use, so each
+    /// parameter's gradient arrives in f32 through the cast's backward).
+    pub fn gradient_bytes(self) -> u64 {
+        F32_BYTES
+    }
+
+    /// Bytes per kept activation element, in half-bytes (f32: 8 = 4 bytes; bf16/f16: 6 = 3
+    /// bytes). Mixed precision keeps the matrix products' inputs in 2 bytes, but the fused
+    /// ops (norms, softmax, RoPE, SwiGLU) widen their input to f32 and narrow their output
+    /// back, and candle keeps both for the backward pass; measured on a 110M Llama
+    /// (`docs/memory.md`, "Precision"), 3 bytes per element fits.
+    pub fn activation_half_bytes(self) -> u64 {
+        match self {
+            Precision::F32 => 8,
+            Precision::Bf16 | Precision::F16 => 6,
+        }
+    }
+
+    /// Bytes per transient element (the logits' and activations' gradients): f32 4; mixed
+    /// precision 6 (cross entropy widens the 2-byte logits to f32 and its gradient is f32,
+    /// then narrowed to 2 bytes for the head's backward: 2 + 4 where f32 has 4).
+    pub fn transient_bytes(self) -> u64 {
+        match self {
+            Precision::F32 => 4,
+            Precision::Bf16 | Precision::F16 => 6,
+        }
+    }
+
     /// Resolves the configured precision for a CPU run with [`crate::precision::select`]
     /// (no GEMM measurement): `auto` is f32 on a CPU unless measured bf16 is clearly faster,
     /// which needs the figures ([`crate::precision`] says why).
@@ -357,16 +386,19 @@ pub struct Estimate {
     /// pipeline ([`MemoryModel::runtime_overhead`]).
     pub overhead: Bytes,
     /// Gradients the backward pass produces (candle's gradient store), in compute dtype:
-    /// `T·c` (none for a frozen base).
+    /// `T·4` (none for a frozen base): f32 also under mixed precision, where the master
+    /// weights are cast at use and their gradients come back in f32.
     pub gradients: Bytes,
-    /// Activations kept for the backward pass, `·c`. Without checkpointing:
+    /// Activations kept for the backward pass, `·a` with `a` = 4 bytes in f32 and 3 under
+    /// mixed precision ([`Precision::activation_half_bytes`]). Without checkpointing:
     /// `n·(Σ_blocks (a_b + p_b·s) + head + r·lora_act)`. With checkpointing: the block inputs
     /// `n·L·hidden`, plus one block's full activations during its recompute
     /// `n·max_b (a_b + p_b·s)`, plus `n·(head + r·lora_act)`.
     pub activations: Bytes,
-    /// Short-lived buffers at the peak: the logits' gradient `n·vocab·c`, the activation
-    /// gradients of the block being back-propagated `n·max_b (a_b + p_b·s)·c`, one more
-    /// score-sized tensor `n·(max_b p_b / 2)·s·c` (the softmax backward makes the incoming
+    /// Short-lived buffers at the peak, `·t` with `t` = 4 bytes in f32 and 6 under mixed
+    /// precision ([`Precision::transient_bytes`]): the logits' gradient `n·vocab`, the
+    /// activation gradients of the block being back-propagated `n·max_b (a_b + p_b·s)`, one
+    /// more score-sized tensor `n·(max_b p_b / 2)·s` (the softmax backward makes the incoming
     /// gradient contiguous; `p_b` counts scores and probabilities, hence the half), and
     /// under QLoRA one dequantized matrix `largest·c`.
     pub transient: Bytes,
@@ -564,7 +596,7 @@ impl MemoryModel {
         let overhead = self.runtime_overhead.0;
 
         // Step phase.
-        let gradients = mul(trainable, c);
+        let gradients = mul(trainable, setup.precision.gradient_bytes());
         let per_block: Vec<u64> = profile
             .blocks
             .iter()
@@ -584,7 +616,10 @@ impl MemoryModel {
                 .fold(0u64, |a, &b| a.saturating_add(b))
                 .saturating_add(outside)
         };
-        let activations = mul(mul(n, kept_per_token), c);
+        let activations = mul(
+            mul(n, kept_per_token),
+            setup.precision.activation_half_bytes(),
+        ) / 2;
         let max_pos = profile
             .blocks
             .iter()
@@ -600,7 +635,7 @@ impl MemoryModel {
                     .saturating_add(max_block)
                     .saturating_add(softmax_copy),
             ),
-            c,
+            setup.precision.transient_bytes(),
         )
         .saturating_add(dequant);
 
@@ -741,9 +776,10 @@ mod tests {
         let e = zero_overhead().estimate(&toy(), &s).unwrap();
         assert_eq!(e.weights, Bytes(2_000_000));
         assert_eq!(e.master_weights, Bytes(4_000_000));
-        assert_eq!(e.gradients, Bytes(2_000_000));
+        // Gradients of the f32 masters are f32; activations 3 bytes per element (issue 8).
+        assert_eq!(e.gradients, Bytes(4_000_000));
         assert_eq!(e.grad_accumulator, Bytes(4_000_000));
-        assert_eq!(e.activations, Bytes(200 * 7_800 * 2));
+        assert_eq!(e.activations, Bytes(200 * 7_800 * 3));
     }
 
     #[test]
@@ -808,10 +844,11 @@ mod tests {
         // Double: 10000 one-byte scales + ceil(10000/256)=40 f32 = 10160.
         let e2 = zero_overhead().estimate(&toy(), &mk(true)).unwrap();
         assert_eq!(e2.weights, Bytes(320_000 + 10_160 + 720_000));
-        // One dequantized matrix in the transient term: 64000 * 2.
+        // Transient buffers at 6 bytes under mixed precision, plus one dequantized matrix in
+        // the compute dtype: 64000 * 2.
         assert_eq!(
             e2.transient,
-            Bytes(200 * 500 * 2 + 200 * 1_800 * 2 + 200 * 400 * 2 + 128_000)
+            Bytes(200 * 500 * 6 + 200 * 1_800 * 6 + 200 * 400 * 6 + 128_000)
         );
         assert_eq!(e2.master_weights, Bytes(8_000 * 4));
         assert_eq!(e2.grad_accumulator, Bytes(8_000 * 4));
