@@ -24,6 +24,8 @@ mod modes;
 
 mod encoder;
 
+mod memory;
+
 /// Bytes of generated text for `data.source = "embedded"`.
 const EMBEDDED_BYTES: usize = 1_500_000;
 
@@ -393,6 +395,13 @@ impl Callback for Progress {
     fn on_anomaly(&mut self, a: &kernel::Anomaly) {
         self.bar.println(format!("guard: {a:?}"));
     }
+
+    fn on_memory(&mut self, d: &elastic_guardian::memory::Decision) {
+        self.bar.println(format!(
+            "memory guard: {:?} ({:?} pressure) -> {}",
+            d.action, d.level, d.after
+        ));
+    }
 }
 
 /// Runs `eg train`.
@@ -432,14 +441,9 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     })?;
     let seq = cfg.data.seq_len.0 as usize;
     let rows = (cfg.train.batch.global_tokens.0 as usize / seq).max(1);
-    let micro = cfg
-        .train
-        .batch
-        .micro_batch
-        .map(|m| m.get() as usize)
-        // Until the memory planner (issue #8) chooses: micro-batches of up to 4096 tokens
-        // (larger ones run faster in candle: fewer, bigger matmuls).
-        .unwrap_or_else(|| rows.min((4096 / seq).max(1)));
+    // The planner chooses the micro-batch for the budget; the guard adapts it (issue #8).
+    let mem_setup = memory::setup(&cfg, &model, rows, seq)?;
+    let micro = mem_setup.micro;
     let packing = match cfg.data.packing {
         config::wire::Packing::BestFit => Packing::BestFit { window: 64 },
         _ => Packing::Concat,
@@ -525,6 +529,9 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
             ""
         }
     );
+    if let Some((guard, stores)) = mem_setup.guard {
+        trainer = trainer.with_memory_guard(guard, stores)?;
+    }
     if let Some(eval) = data.eval.clone() {
         trainer = trainer.with_eval(EvalSet {
             data: eval,
@@ -577,6 +584,10 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         rows * seq,
         kernel::compute_threads(),
     );
+    eprintln!("{}", mem_setup.summary);
+    if let (Some(s), Some(_)) = (trainer.memory_strategy(), resumed) {
+        eprintln!("memory: continuing with {s}");
+    }
     match resumed {
         Some(s) => eprintln!("resuming from step {s} in {}", c.dir.display()),
         None => eprintln!("run directory: {}", cfg.run.dir.display()),

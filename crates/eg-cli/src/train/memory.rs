@@ -101,12 +101,15 @@ pub(super) fn setup(
         .into_iter()
         .map(|(s, b)| (s, b.0))
         .collect();
-    let guard_cfg = mem::GuardConfig::from_plan(
+    let mut guard_cfg = mem::GuardConfig::from_plan(
         &plan,
         controller,
         mem::PlanRequest::DEFAULT_HEADROOM,
         &extra,
     );
+    // The first update runs at micro-batch 1 and measures the real peak before the planned
+    // micro-batch can be OOM-killed by a wrong prediction.
+    guard_cfg.probe = true;
     let sampler = mem::live::Sampler::new(hw::Root::host(), &report.memory.cgroup);
     let guard = mem::MemoryGuard::new(guard_cfg, sampler, chosen)?;
     let stores = store_factory(offload_dir);
