@@ -19,6 +19,11 @@
 //!   `nan_skip_limit` in a row), clipping by global norm, and loss-spike detection with a
 //!   robust z-score that rolls back to the in-memory snapshot, quarantines the batch's sample
 //!   ids and never trains on it again.
+//! - [`objective`]: what a micro-batch's loss is, normalised over its global batch:
+//!   [`CausalLm`] (pre-training; SFT on packed rows with document masks), [`Dpo`] (preference
+//!   pairs against a frozen reference: the base under disabled LoRA adapters, or a copy of
+//!   the initial weights). Install one with [`Trainer::with_objective`]; the trainer takes
+//!   any [`eg_data::BatchSource`] (the packing loader, or [`eg_data::PairLoader`] for DPO).
 //! - [`checkpoint`]: one directory per step, written into a temporary directory, synced and
 //!   renamed, with a manifest of sha256 checksums verified on load; the newest *valid*
 //!   checkpoint wins. Everything that decides the trajectory (weights, optimizer, data
@@ -86,8 +91,8 @@ mod threads;
 mod trainer;
 
 pub use builder::{Checkpoints, OptimizerSpec, ScheduleSpec, TrainerBuilder};
-pub use encoder::{BertTask, Classification, Embedding};
 pub use dpo::Dpo;
+pub use encoder::{BertTask, Classification, Embedding};
 pub use error::{Error, Result};
 pub use loss_scale::{LossScaler, ScaleUpdate};
 pub use objective::{CausalLm, MicroLoss, Objective};
