@@ -14,7 +14,8 @@
 //! accumulator, in-place AdamW, the rollback snapshot of weights and optimizer state, no
 //! spike detector, no checkpoints on disk). `bare` is the minimal loop: forward, backward, the
 //! gradients copied out of candle's store one tensor at a time, in-place AdamW; no snapshot.
-//! Optional arguments: steps (default 2), rows (4), sequence length (512).
+//! Optional arguments: steps (default 2), rows (4), sequence length (512), size (`110m`, or
+//! `small`: hidden 256, 4 layers, 8 heads, intermediate 688, vocabulary 4096, for quick runs).
 //!
 //! The model is the 110M configuration of `lora_bench`: hidden 768, 12 layers, 12 heads,
 //! intermediate 2048, vocabulary 32000, tied embeddings (109.5M parameters).
@@ -67,6 +68,7 @@ fn main() {
     let steps: u64 = args.get(3).map_or(2, |s| s.parse().unwrap());
     let rows: usize = args.get(4).map_or(4, |s| s.parse().unwrap());
     let seq: usize = args.get(5).map_or(512, |s| s.parse().unwrap());
+    let size = args.get(6).cloned().unwrap_or_else(|| "110m".into());
     assert!(
         matches!(mode.as_str(), "plain" | "ckpt"),
         "mode: plain or ckpt"
@@ -75,16 +77,30 @@ fn main() {
         matches!(lp.as_str(), "trainer" | "bare"),
         "loop: trainer or bare"
     );
-    let cfg = LlamaConfig {
-        hidden_size: 768,
-        intermediate_size: 2048,
-        num_hidden_layers: 12,
-        num_attention_heads: 12,
-        num_key_value_heads: Some(12),
-        vocab_size: 32000,
-        max_position_embeddings: seq,
-        tie_word_embeddings: true,
-        ..LlamaConfig::tiny_for_tests()
+    let cfg = match size.as_str() {
+        "110m" => LlamaConfig {
+            hidden_size: 768,
+            intermediate_size: 2048,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            num_key_value_heads: Some(12),
+            vocab_size: 32000,
+            max_position_embeddings: seq,
+            tie_word_embeddings: true,
+            ..LlamaConfig::tiny_for_tests()
+        },
+        "small" => LlamaConfig {
+            hidden_size: 256,
+            intermediate_size: 688,
+            num_hidden_layers: 4,
+            num_attention_heads: 8,
+            num_key_value_heads: Some(8),
+            vocab_size: 4096,
+            max_position_embeddings: seq,
+            tie_word_embeddings: true,
+            ..LlamaConfig::tiny_for_tests()
+        },
+        other => panic!("size: 110m or small, not {other}"),
     };
     let model = Llama::init(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
     model.set_activation_checkpointing(mode == "ckpt");
@@ -94,7 +110,11 @@ fn main() {
     let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
     let docs = (0..2000u32).map(|i| {
         (0..(50 + i % 700))
-            .map(|j| (i.wrapping_mul(2_654_435_761) ^ j.wrapping_mul(40_503)) % 31_000 + 1)
+            .map(|j| {
+                (i.wrapping_mul(2_654_435_761) ^ j.wrapping_mul(40_503))
+                    % (cfg.vocab_size as u32 - 1).min(31_000)
+                    + 1
+            })
             .collect::<Vec<u32>>()
     });
     let data = Arc::new(InMemoryDataset::from_docs(docs));
