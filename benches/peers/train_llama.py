@@ -169,6 +169,7 @@ def train(a):
         f" params={n_params} tokens_per_step={tokens} steps={a.steps}"
         f" step_s={med(total):.6f} fwd_s={med(fwd):.6f} bwd_s={med(bwd):.6f}"
         f" opt_s={med(upd):.6f} mean_step_s={sum(total) / len(total):.6f}"
+        f" min_step_s={min(total):.6f}"
         f" tokens_per_s={tokens / med(total):.3f}"
         f" cpu_s_per_step={cpu / a.steps:.6f}"
         f" peak_rss={peak_rss_bytes()} first_loss={losses[0]:.5f} last_loss={losses[-1]:.5f}"

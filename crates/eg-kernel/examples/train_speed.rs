@@ -262,7 +262,7 @@ fn train(a: &Args) -> Result<()> {
     println!(
         "RESULT side=eg threads={} params={n_params} tokens_per_step={tokens} steps={} \
          step_s={step_s:.6} fwd_s={:.6} bwd_s={:.6} gather_s={:.6} opt_s={:.6} \
-         mean_step_s={:.6} tokens_per_s={:.3} cpu_s_per_step={:.6} peak_rss={} \
+         mean_step_s={:.6} min_step_s={:.6} tokens_per_s={:.3} cpu_s_per_step={:.6} peak_rss={} \
          first_loss={:.5} last_loss={:.5}",
         a.threads,
         a.steps,
@@ -271,6 +271,7 @@ fn train(a: &Args) -> Result<()> {
         median(&gather),
         median(&upd),
         total.iter().sum::<f64>() / total.len() as f64,
+        total.iter().copied().fold(f64::INFINITY, f64::min),
         tokens as f64 / step_s,
         cpu / a.steps as f64,
         peak_rss(),
