@@ -273,9 +273,6 @@ fn check_supported(cfg: &Config) -> anyhow::Result<()> {
     ) {
         return refuse("CUDA devices in `eg train` (build with the `cuda` feature; not built yet)");
     }
-    if cfg.hardware.threads.is_some() {
-        return refuse("`hardware.threads` (candle's thread count is set by the runtime today)");
-    }
     if cfg.monitor.prometheus.is_some() || cfg.monitor.tensorboard.is_some() {
         return refuse("metrics sinks (`monitor.prometheus`, `monitor.tensorboard`)");
     }
@@ -423,6 +420,12 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
 
     check_supported(&cfg)?;
+    if let Some(t) = cfg.hardware.threads {
+        let n = std::num::NonZeroUsize::try_from(t)?;
+        // SAFETY: nothing has started a thread that reads the environment yet (the signal
+        // handlers above run no thread; data, model and trainer come after this).
+        unsafe { kernel::set_compute_threads(n)? };
+    }
     if cfg.train.mode == config::wire::Mode::Classification {
         return encoder::run(&cfg, &args, stop);
     }
@@ -512,6 +515,7 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
             cfg.to_toml()
                 .context("serialising the resolved configuration")?,
         ),
+        prefetch: cfg.data.prefetch,
     };
     let objective = modes::objective(&cfg, &model)?;
     let mut trainer = Trainer::new(model, optimizer, loader, opts)?.with_objective(objective);

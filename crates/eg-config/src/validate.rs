@@ -4,7 +4,7 @@
 //! contradiction between sections, collecting all errors rather than stopping at the first.
 
 use std::net::SocketAddr;
-use std::num::{NonZeroU32, NonZeroUsize};
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -116,8 +116,8 @@ pub struct DataConfig {
     pub eval_fraction: Ratio,
     /// Tolerated fraction of bad records.
     pub max_error_fraction: Ratio,
-    /// Batches prepared ahead.
-    pub prefetch: NonZeroUsize,
+    /// Batches prepared ahead on a background thread; 0 loads each batch when needed.
+    pub prefetch: usize,
     /// Directory of tokenized shards.
     pub cache_dir: PathBuf,
     /// Sampling weight of the main source among `mix`.
@@ -776,8 +776,7 @@ pub(crate) fn validate(w: WireConfig, r: &Resolved) -> Result<Config, Error> {
         false,
         false,
     );
-    let prefetch = NonZeroUsize::new(c.int("data.prefetch", d.prefetch, 1, 1024) as usize)
-        .unwrap_or(NonZeroUsize::MIN);
+    let prefetch = c.int("data.prefetch", d.prefetch, 0, 1024) as usize;
     let cache_dir = match &d.cache_dir {
         Some(p) => c.path("data.cache_dir", p),
         None => run.dir.join("cache"),

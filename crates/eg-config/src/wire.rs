@@ -369,7 +369,7 @@ pub struct DataWire {
     /// Fraction of bad records tolerated before the run stops.
     #[cfg_attr(test, proptest(strategy = "crate::wire::arb::float()"))]
     pub max_error_fraction: f64,
-    /// Batches prepared ahead on background threads.
+    /// Batches prepared ahead on a background thread; 0 loads each batch when it is needed.
     #[cfg_attr(test, proptest(strategy = "crate::wire::arb::int()"))]
     pub prefetch: u64,
     /// Directory for tokenized shards; unset means `<run.dir>/cache`.

@@ -207,7 +207,10 @@ mod tests {
         assert!(matches!(g.slots[0], Slot::Direct(_)));
         assert!(g.bufs[0].is_empty(), "no buffer for one micro-batch");
         assert!(matches!(g.slots[2], Slot::Empty));
-        assert_eq!(g.sum_squares(&names).unwrap(), 1.0 + 4.0 + 0.25 + 9.0 + 16.0);
+        assert_eq!(
+            g.sum_squares(&names).unwrap(),
+            1.0 + 4.0 + 0.25 + 9.0 + 16.0
+        );
         // a second and third micro-batch for "a"
         g.add(0, "a", &t(&[0.1, 0.2, 0.3]), &p[0]).unwrap();
         g.add(0, "a", &t(&[1e-8, 1e8, -0.3]), &p[0]).unwrap();
@@ -225,7 +228,11 @@ mod tests {
             .unwrap();
         assert_eq!(got[0], want);
         assert_eq!(got[1], vec![3.0, 4.0]);
-        assert_eq!(got[2], vec![0.0], "a parameter without gradient reads as zeros");
+        assert_eq!(
+            got[2],
+            vec![0.0],
+            "a parameter without gradient reads as zeros"
+        );
         g.clear();
         assert!(matches!(g.slots[0], Slot::Empty));
         g.add(2, "c", &t(&[f32::NAN]), &p[2]).unwrap();

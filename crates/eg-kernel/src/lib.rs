@@ -79,6 +79,7 @@ pub mod checkpoint;
 pub mod dpo;
 pub mod encoder;
 mod error;
+mod feed;
 pub mod fsio;
 mod grads;
 pub mod guards;

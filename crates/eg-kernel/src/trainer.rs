@@ -13,6 +13,7 @@ use eg_data::{Batch, BatchSource, Loader, LoaderOptions, Placement, TokenDataset
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, CheckpointData};
+use crate::feed::Feed;
 use crate::grads::Grads;
 use crate::guards::{SpikeDetector, clip_factor};
 use crate::loss_scale::{LossScaler, ScaleUpdate};
@@ -357,6 +358,10 @@ pub struct TrainerOptions {
     pub run_dir: Option<PathBuf>,
     /// Resolved configuration stored in checkpoints.
     pub config_toml: Option<String>,
+    /// Batches prepared ahead on a background thread (0: each batch is loaded when needed).
+    /// Checkpoints hold the cursor after the last batch *trained on*, so resume is exact
+    /// either way.
+    pub prefetch: usize,
 }
 
 impl Default for TrainerOptions {
@@ -377,6 +382,7 @@ impl Default for TrainerOptions {
             early_stopping_patience: None,
             run_dir: None,
             config_toml: None,
+            prefetch: 0,
         }
     }
 }
@@ -522,7 +528,7 @@ impl<M: TrainModel> Trainer<M> {
             names,
             vars,
             optimizer,
-            loader: Box::new(loader),
+            loader: Box::new(Feed::new(Box::new(loader), opts.prefetch)),
             eval: None,
             stop: Arc::new(AtomicBool::new(false)),
             state: TrainerState {

@@ -226,6 +226,7 @@ pub(super) fn run(
             cfg.to_toml()
                 .context("serialising the resolved configuration")?,
         ),
+        prefetch: cfg.data.prefetch,
     };
     let mut trainer = Trainer::new(model, optimizer, loader, opts)?;
     trainer = match cl.objective {

@@ -58,3 +58,27 @@ fn loss_spike_rolls_back_and_quarantines_the_batch() {
     let st: eg_kernel::TrainerState = serde_json::from_slice(&ck.trainer_json).unwrap();
     assert_eq!(st.quarantine, r.state.quarantine);
 }
+
+/// A spike rollback with prefetching on (issue 5): the prefetch thread is stopped, the source
+/// rewound to the snapshot's cursor, and the quarantined batch skipped, exactly as without.
+#[test]
+fn spike_rollback_with_prefetch_matches_the_synchronous_run() {
+    let mut runs = Vec::new();
+    for depth in [0, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = with_checkpoints(options(24, 4), dir.path(), 8);
+        o.spike = Some((10, 6.0));
+        o.prefetch = depth;
+        let mut t = trainer(Faulty::new(vec![(14, Fault::Scale(40.0))]), 4, o);
+        let r = t.fit().unwrap();
+        assert_eq!((r.steps, r.state.spikes, r.state.rollbacks), (24, 1, 1));
+        runs.push((
+            logged_losses(dir.path()),
+            weights(t.model()),
+            r.state.quarantine,
+        ));
+    }
+    assert_eq!(runs[0].0, runs[1].0, "losses");
+    assert!(runs[0].1 == runs[1].1, "weights");
+    assert_eq!(runs[0].2, runs[1].2, "quarantine");
+}

@@ -80,3 +80,31 @@ fn crash_after_checkpoint_resumes_from_it_bitwise() {
     assert!(weights(b.model()) == want_w);
     assert!(!dir.path().join("checkpoints/.tmp-step-00000009-1").exists());
 }
+
+/// `prefetch` (issue 5): batches prepared ahead on a thread change nothing. A run stopped at
+/// k and resumed with prefetching equals the uninterrupted synchronous run bitwise (the
+/// checkpoint holds the cursor after the last batch trained on, not after the last one
+/// prepared).
+#[test]
+fn resume_with_prefetch_equals_the_uninterrupted_synchronous_run() {
+    let base = tempfile::tempdir().unwrap();
+    let mut t = trainer(model(), 4, opts(base.path()));
+    t.fit().unwrap();
+    let want_w = weights(t.model());
+    let want_l = logged_losses(base.path());
+    for (k, depth) in [(4, 1), (5, 3)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path());
+        o.prefetch = depth;
+        let mut a = trainer(model(), 4, o.clone());
+        let flag = a.stop_flag();
+        a.add_callback(Box::new(StopAt(k, flag)));
+        assert!(a.fit().unwrap().stopped);
+        drop(a);
+        let mut b = trainer(model(), 4, o);
+        assert_eq!(b.resume().unwrap(), Some(k));
+        b.fit().unwrap();
+        assert_eq!(logged_losses(dir.path()), want_l, "k = {k}, depth {depth}");
+        assert!(weights(b.model()) == want_w, "weights differ, k = {k}");
+    }
+}
