@@ -432,17 +432,49 @@ fn bf16_and_f16_compute_train_like_f32() {
 /// Settings `eg train` does not implement yet are refused (exit 11), never ignored.
 #[test]
 fn unimplemented_settings_are_refused() {
-    for set in [
-        "model.dtype=bf16",
-        "hardware.threads=1",
-        "monitor.tensorboard=true",
-    ] {
+    for set in ["model.dtype=bf16", "monitor.tensorboard=true"] {
         let tmp = tempfile::tempdir().unwrap();
         let out = eg_train(tmp.path(), &[set]).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(11), "{set}: {stderr}");
         assert!(stderr.contains("is not built yet"), "{set}: {stderr}");
     }
+}
+
+/// `hardware.threads` sets candle's compute threads in-process (issue 6): the count is
+/// printed, recorded in the checkpoint, and a resume with another count warns.
+#[test]
+fn hardware_threads_is_applied_recorded_and_a_change_warns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = eg_train(tmp.path(), &["train.max_steps=2", "hardware.threads=1"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        format!("{stdout}{stderr}").contains(", 1 threads"),
+        "{stdout}{stderr}"
+    );
+    let ck = tmp.path().join("checkpoints/step-00000002");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ck.join("trainer.json")).unwrap()).unwrap();
+    assert_eq!(state["threads"], 1);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ck.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["threads"], 1);
+    let out = eg_train(tmp.path(), &["train.max_steps=4", "hardware.threads=2"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("another thread count"), "{stderr}");
+    let ck = tmp.path().join("checkpoints/step-00000004");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ck.join("trainer.json")).unwrap()).unwrap();
+    assert_eq!(state["threads"], 2);
 }
 
 /// `memory.offload = "disk"` (issue #8): the optimizer state lives in files under
