@@ -15,5 +15,6 @@ mod tests {
     mod offload;
     mod optim;
     mod precision;
+    mod real_classification;
     mod resume;
 }
