@@ -27,6 +27,10 @@
 //! - [`controller`]: the pure state machine that shrinks the micro-batch (accumulation grows,
 //!   the global batch never changes), then turns on checkpointing, then offload, and grows
 //!   back after a stable period; every [`Decision`] is a serde record.
+//! - [`precision`]: the compute-precision selector ([`select`]): explicit choices kept; `auto`
+//!   is bf16 on GPUs with native bf16, else f16 with dynamic loss scaling; on CPUs bf16 only
+//!   with native bf16 *and* a measured bf16 GEMM speed-up (candle's CPU bf16 was slower than
+//!   f32 where measured). The loss scaler itself lives in eg-kernel.
 //!
 //! Why a model and not trial and error: the alternatives in the field either change the
 //! effective batch (HF's `auto_find_batch_size`), never grow back (Composer), or ignore
