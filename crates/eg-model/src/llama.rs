@@ -25,24 +25,16 @@ pub(crate) struct Linear {
 impl Linear {
     /// `x @ weight^T + bias` over the last dimension of `x`.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        let inn = dims.last().copied().unwrap_or(1);
-        let rows = x.elem_count() / inn.max(1);
-        let out = self.weight.dim(0)?;
         // Mixed precision: the (f32 master) weight is cast to the activation's dtype at use;
         // the cast's backward converts the gradient back to the parameter's dtype. A no-op
         // when the dtypes agree.
         let w = self.weight.to_dtype(x.dtype())?;
-        let y = x.reshape((rows, inn))?.matmul(&w.t()?)?;
-        let y = match &self.bias {
+        // One graph node with a one-matmul-per-input backward (issue 9).
+        let y = ops::linear(x, &w)?;
+        Ok(match &self.bias {
             Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?)?,
             None => y,
-        };
-        let mut shape = dims.to_vec();
-        if let Some(last) = shape.last_mut() {
-            *last = out;
-        }
-        Ok(y.reshape(shape)?)
+        })
     }
 }
 
@@ -428,9 +420,8 @@ impl Llama {
         let rep = nh / nkv;
 
         let hs = ops::rms_norm(x, &l.input_norm, cfg.rms_norm_eps)?;
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
-        };
+        // [b, t, n * hd] -> [b, n, t, hd] as one node with a copy for backward (issue 9).
+        let heads = |y: Tensor, n: usize| ops::split_heads(&y, n);
         let q = heads(l.q.forward(&hs)?, nh)?;
         let k = heads(l.k.forward(&hs)?, nkv)?;
         let v = heads(l.v.forward(&hs)?, nkv)?;
@@ -454,7 +445,7 @@ impl Llama {
             let probs = ops::causal_softmax(&scores, scale, t, cfg.attention_window())?;
             probs.matmul(&v)?.reshape((b, nh, t, hd))?
         };
-        let attn = attn.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        let attn = ops::merge_heads(&attn)?;
         let x = (x + l.o.forward(&attn)?)?;
 
         let hs = ops::rms_norm(&x, &l.post_norm, cfg.rms_norm_eps)?;

@@ -1147,6 +1147,218 @@ pub fn next_token_targets(
     Ok(out)
 }
 
+// ---------------------------------------------------------------------------------------------
+// Linear: x @ weight^T over the last dimension, with one fused backward
+
+struct LinearOp;
+
+impl LinearOp {
+    /// `(rows, in, out)` of `x` `[.., in]` times `weight` `[out, in]`.
+    fn dims(x: &Layout, w: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+        let inn = last_dim(x)?;
+        let (out, w_in) = w.shape().dims2()?;
+        if w_in != inn {
+            return Err(candle_core::Error::ShapeMismatchBinaryOp {
+                lhs: x.shape().clone(),
+                rhs: w.shape().clone(),
+                op: "eg-linear",
+            });
+        }
+        Ok((x.shape().elem_count() / inn.max(1), inn, out))
+    }
+}
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "eg-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage as _;
+        let (rows, inn, out) = Self::dims(l1, l2)?;
+        let (x_start, _) = l1
+            .contiguous_offsets()
+            .ok_or(candle_core::Error::RequiresContiguous { op: self.name() })?;
+        let x2 = Layout::contiguous_with_offset((rows, inn), x_start);
+        // weight^T as a strided view: gemm reads it in place, no copy.
+        let wt = l2.transpose(0, 1)?;
+        let y = s1.matmul(s2, (1, rows, out, inn), &x2, &wt)?;
+        let mut dims = l1.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = out;
+        }
+        Ok((y, Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (out, inn) = weight.dims2()?;
+        let rows = x.elem_count() / inn.max(1);
+        // Detached: a gradient computed from graph tensors would keep its inputs (the
+        // activation, the weight) in the graph, and candle never detaches the gradients it
+        // stores for variables, so every activation would live until the GradStore is dropped.
+        let g = grad.detach().contiguous()?.reshape((rows, out))?;
+        let x2 = x.detach().reshape((rows, inn))?;
+        let weight = weight.detach();
+        // One matmul per input, each result already in its input's shape and layout (candle's
+        // composite would add reshape and transpose nodes, each a zero-filled gradient plus
+        // an add, one of them strided).
+        let dx = g.matmul(&weight)?.reshape(x.shape())?;
+        let dw = g.t()?.matmul(&x2)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// `x @ weight^T` over the last dimension of `x` (`[.., in]` times `[out, in]`, giving
+/// `[.., out]`), as one graph node: the backward is exactly one matmul per input, where
+/// candle's composite (`reshape`, `t`, `matmul`, `reshape`) builds each gradient through
+/// zero-filled buffers and a strided transpose-add. Any float dtype candle's matmul takes.
+pub fn linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let (_, inn) = weight.dims2()?;
+    if x.dims().last() != Some(&inn) || x.elem_count() == 0 {
+        return Err(Error::ShapeMismatch {
+            tensor: "linear input".to_string(),
+            expected: vec![inn],
+            found: x.dims().to_vec(),
+        });
+    }
+    if x.dtype() != weight.dtype() {
+        return Err(Error::UnsupportedDType {
+            op: "linear (input and weight dtypes differ)",
+            dtype: x.dtype(),
+        });
+    }
+    Ok(x.contiguous()?.apply_op2(&weight.contiguous()?, LinearOp)?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention head layout: [b, t, n * hd] <-> [b, n, t, hd]
+
+/// Copies rows of `hd` elements between the token-major `[b, t, n, hd]` and the head-major
+/// `[b, n, t, hd]` layouts (`to_heads` chooses the direction).
+fn permute_heads<T: WithDType>(
+    x: &[T],
+    (_, t, n, hd): (usize, usize, usize, usize),
+    to_heads: bool,
+) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len()];
+    // One output block of `t * hd` (to heads) or `n * hd` (from heads) per task.
+    let (inner, block) = if to_heads { (t, t * hd) } else { (n, n * hd) };
+    out.par_chunks_mut(block.max(1))
+        .enumerate()
+        .for_each(|(blk, o)| {
+            for (i, row) in o.chunks_mut(hd.max(1)).enumerate().take(inner) {
+                let src = if to_heads {
+                    // blk = bi * n + h; i = token
+                    let (bi, h) = (blk / n, blk % n);
+                    ((bi * t + i) * n + h) * hd
+                } else {
+                    // blk = bi * t + token; i = h
+                    let (bi, ti) = (blk / t, blk % t);
+                    ((bi * n + i) * t + ti) * hd
+                };
+                row.copy_from_slice(&x[src..src + hd]);
+            }
+        });
+    out
+}
+
+struct HeadsOp {
+    dims: (usize, usize, usize, usize),
+    to_heads: bool,
+}
+
+impl CustomOp1 for HeadsOp {
+    fn name(&self) -> &'static str {
+        if self.to_heads {
+            "eg-split-heads"
+        } else {
+            "eg-merge-heads"
+        }
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, t, n, hd) = self.dims;
+        let shape = if self.to_heads {
+            Shape::from((b, n, t, hd))
+        } else {
+            Shape::from((b, t, n * hd))
+        };
+        macro_rules! run {
+            ($t:ty) => {{
+                let x = slice::<$t>(s, l, self.name())?;
+                Ok((
+                    <$t>::to_cpu_storage_owned(permute_heads(x, self.dims, self.to_heads)),
+                    shape,
+                ))
+            }};
+        }
+        match s {
+            CpuStorage::F32(_) => run!(f32),
+            CpuStorage::F64(_) => run!(f64),
+            CpuStorage::BF16(_) => run!(half::bf16),
+            CpuStorage::F16(_) => run!(half::f16),
+            other => Err(candle_core::Error::UnsupportedDTypeForOp(
+                candle_core::backend::BackendStorage::dtype(other),
+                self.name(),
+            )),
+        }
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let back = HeadsOp {
+            dims: self.dims,
+            to_heads: !self.to_heads,
+        };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&back)?))
+    }
+}
+
+/// `[b, t, n * hd]` → `[b, n, t, hd]` (contiguous), as one graph node whose backward is the
+/// inverse copy (candle's `reshape`, `transpose`, `contiguous` are three nodes, each with a
+/// zero-filled gradient, one of them added through strides).
+pub fn split_heads(x: &Tensor, n: usize) -> Result<Tensor> {
+    let (b, t, width) = x.dims3()?;
+    if n == 0 || width % n != 0 {
+        return Err(Error::ShapeMismatch {
+            tensor: "split_heads input".to_string(),
+            expected: vec![b, t, n],
+            found: x.dims().to_vec(),
+        });
+    }
+    let op = HeadsOp {
+        dims: (b, t, n, width / n),
+        to_heads: true,
+    };
+    Ok(x.contiguous()?.apply_op1(op)?)
+}
+
+/// `[b, n, t, hd]` → `[b, t, n * hd]`, the inverse of [`split_heads`].
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, n, t, hd) = x.dims4()?;
+    let op = HeadsOp {
+        dims: (b, t, n, hd),
+        to_heads: false,
+    };
+    Ok(x.contiguous()?.apply_op1(op)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -518,3 +518,58 @@ fn rope_with_per_sequence_tables_matches_finite_differences_and_shared_tables() 
         assert_eq!(max_abs_diff(&a, &b), 0.0);
     }
 }
+
+#[test]
+fn issue_9_linear_backward_matches_finite_differences() {
+    let x = rand_t(60, &[2, 3, 4], DType::F64);
+    let w = rand_t(61, &[5, 4], DType::F64);
+    fd_check(&|t| ops::linear(&t[0], &t[1]).unwrap(), &[x, w], &[0, 1]);
+}
+
+#[test]
+fn issue_9_linear_matches_composite() {
+    let x = rand_t(62, &[2, 7, 33], DType::F32);
+    let w = rand_t(63, &[19, 33], DType::F32);
+    composite_check(
+        &|t| ops::linear(&t[0], &t[1]).unwrap(),
+        &|t| {
+            t[0].reshape((14, 33))
+                .unwrap()
+                .matmul(&t[1].t().unwrap())
+                .unwrap()
+                .reshape((2, 7, 19))
+                .unwrap()
+        },
+        &[x, w],
+        &[0, 1],
+        1e-5,
+    );
+    let bad = rand_t(64, &[2, 7, 32], DType::F32);
+    assert!(ops::linear(&bad, &rand_t(63, &[19, 33], DType::F32)).is_err());
+}
+
+#[test]
+fn issue_9_split_and_merge_heads_match_finite_differences_and_composite() {
+    let x = rand_t(65, &[2, 3, 8], DType::F64);
+    fd_check(&|t| ops::split_heads(&t[0], 2).unwrap(), &[x], &[0]);
+    let y = rand_t(66, &[2, 2, 3, 4], DType::F64);
+    fd_check(&|t| ops::merge_heads(&t[0]).unwrap(), &[y], &[0]);
+    let x = rand_t(67, &[2, 5, 12], DType::F32);
+    composite_check(
+        &|t| ops::split_heads(&t[0], 3).unwrap(),
+        &|t| {
+            t[0].reshape((2, 5, 3, 4))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        },
+        std::slice::from_ref(&x),
+        &[0],
+        1e-7,
+    );
+    let heads = ops::split_heads(&x, 3).unwrap();
+    assert_eq!(max_abs_diff(&ops::merge_heads(&heads).unwrap(), &x), 0.0);
+    assert!(ops::split_heads(&x, 5).is_err());
+}
