@@ -74,11 +74,13 @@ fn layer_of(name: &str) -> Option<usize> {
 /// Converts eg-model's layer analysis of `cfg` into the memory planner's profile. The
 /// analysis is run at `seq_len` and `2·seq_len`; the difference separates what grows with
 /// the context (attention scores and their FLOPs) from what does not. Activation bytes are
-/// analysed at f32 and divided by 4 to get elements.
+/// analysed at f32 and divided by 4 to get elements. With `chunked` attention (online
+/// softmax, `model.attention`), no score-sized tensor is kept: the per-position terms are 0.
 pub(crate) fn profile_of(
     cfg: &LlamaConfig,
     seq_len: usize,
     lora_targets: &[String],
+    chunked: bool,
 ) -> anyhow::Result<ModelProfile> {
     let seq_len = seq_len.max(1);
     let f32_dtype = "f32".parse().context("naming the f32 dtype")?;
@@ -101,7 +103,7 @@ pub(crate) fn profile_of(
             let per_pos = x2.saturating_sub(x1) / s;
             BlockProfile {
                 activation_elems_per_token: x1.saturating_sub(per_pos * s),
-                activation_elems_per_token_per_position: per_pos,
+                activation_elems_per_token_per_position: if chunked { 0 } else { per_pos },
             }
         })
         .collect();
@@ -168,6 +170,12 @@ fn model_config(cfg: &Config, vocab: Option<usize>) -> anyhow::Result<(LlamaConf
     }
 }
 
+/// Whether `model.attention` runs the chunked kernel at this sequence length.
+pub(crate) fn uses_chunked_attention(cfg: &Config, lc: &LlamaConfig) -> bool {
+    model::attention::AttentionKind::from_config(cfg.model.attention)
+        .use_chunked(cfg.data.seq_len.0 as usize, lc.attention_window())
+}
+
 fn yes_no(b: bool) -> &'static str {
     if b { "on" } else { "off" }
 }
@@ -184,7 +192,12 @@ pub(crate) fn run(args: PlanArgs) -> anyhow::Result<std::process::ExitCode> {
         Some(l) => l.targets.clone(),
         None => DEFAULT_LORA_TARGETS.iter().map(|s| s.to_string()).collect(),
     };
-    let profile = profile_of(&lc, cfg.data.seq_len.0 as usize, &targets)?;
+    let profile = profile_of(
+        &lc,
+        cfg.data.seq_len.0 as usize,
+        &targets,
+        uses_chunked_attention(&cfg, &lc),
+    )?;
 
     let storage = match &cfg.memory.offload {
         config::Offload::Disk(d) => d.clone(),
@@ -367,7 +380,7 @@ mod tests {
     #[test]
     fn profile_matches_the_analysis() {
         let cfg = model::builtin::config("tiny-llama", 257, 256).unwrap();
-        let p = profile_of(&cfg, 128, &["q_proj".into(), "v_proj".into()]).unwrap();
+        let p = profile_of(&cfg, 128, &["q_proj".into(), "v_proj".into()], false).unwrap();
         let f32_dtype = "f32".parse().unwrap();
         let a = model::analyze_llama(&cfg, f32_dtype, 128);
         assert_eq!(p.params, a.params);

@@ -315,7 +315,9 @@ pub struct MemoryWire {
         proptest(strategy = "proptest::option::of(crate::wire::arb::text())")
     )]
     pub offload_dir: Option<String>,
-    /// Adapt micro-batch, checkpointing and offload under memory pressure.
+    /// Plan the micro-batch against the memory budget at start and adapt micro-batch,
+    /// checkpointing and offload under memory pressure; `false` plans and adapts nothing
+    /// (`train.batch.micro_batch`, or micro-batches of up to 4096 tokens).
     pub guard: bool,
 }
 

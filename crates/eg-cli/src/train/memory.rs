@@ -70,7 +70,10 @@ pub(super) fn setup(
         .as_ref()
         .map(|l| l.targets.clone())
         .unwrap_or_default();
-    let profile = crate::plan::profile_of(model.config(), seq, &targets)?;
+    let chunked = model
+        .attention()
+        .use_chunked(seq, model.config().attention_window());
+    let profile = crate::plan::profile_of(model.config(), seq, &targets, chunked)?;
     let report = hw::Detector::new(hw::Root::host())
         .gpu(hw::GpuQuery::Skip)
         .detect();
