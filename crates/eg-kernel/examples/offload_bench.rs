@@ -7,12 +7,14 @@
 //! target/release/examples/offload_bench ram  [steps] [rows] [dir]
 //! target/release/examples/offload_bench disk [steps] [rows] [dir]   # Flush::Lazy
 //! target/release/examples/offload_bench eager [steps] [rows] [dir]  # Flush::Eager
+//! target/release/examples/offload_bench disk 8 2 target/offload-bench 3  # checkpoint every 3
 //! ```
 //! The model is the ~110M Llama of `lora_bench` (hidden 768, 12 layers, 12 heads,
 //! intermediate 2048, vocab 32000, tied embeddings), full fine-tuning with AdamW, so the
 //! state is 2 × 4 × 110M ≈ 880 MB; sequences of 128 tokens, `rows` of them per step
 //! (default 2), `steps` updates (default 8), offload files under `dir` (default
-//! `target/offload-bench`). Step time is the median of the steps after the first two;
+//! `target/offload-bench`); a fifth argument writes a checkpoint (background, into
+//! `<dir>/checkpoints`, keep 1) every that many steps (default 0: none). Step time is the median of the steps after the first two;
 //! CPU time is the process's (user + system, all threads, `/proc/self/stat`) per step over the
 //! same steps. The 1-minute load average is printed with the figures.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -87,6 +89,7 @@ fn main() {
             .cloned()
             .unwrap_or_else(|| "target/offload-bench".into()),
     );
+    let ckpt_every: u64 = args.get(5).map_or(0, |s| s.parse().unwrap());
     let load_start = load1();
     let cfg = LlamaConfig {
         hidden_size: 768,
@@ -151,6 +154,14 @@ fn main() {
         micro_batch_rows: rows,
         schedule: Schedule::constant(1e-4),
         spike: None,
+        checkpoints: (ckpt_every > 0).then(|| eg_kernel::CheckpointOptions {
+            dir: dir.join("checkpoints"),
+            every: ckpt_every,
+            keep_last: 1,
+            keep_best: 0,
+            background: true,
+        }),
+        snapshot_every: ckpt_every,
         ..TrainerOptions::default()
     };
     let mut t = Trainer::new(model, opt, loader, o).unwrap();
@@ -171,7 +182,12 @@ fn main() {
     let max_rss_step = log.iter().map(|x| x.2).max().unwrap_or(0);
     let losses: Vec<String> = log.iter().map(|x| format!("{:.6}", x.3)).collect();
     println!(
-        "{mode}: {:.1}M parameters, AdamW state {:.0} MiB, batch {rows}x{SEQ}, {} threads, {} steps in {wall:.1} s: median step {median:.3} s, CPU {cpu_per_step:.3} s/step (steps {}..{}), peak RSS {:.0} MiB (reset: {reset}; RSS at start {:.0} MiB; max RSS at a step end {:.0} MiB), load1 {load_start} -> {}, losses [{}]",
+        "{mode}{}: {:.1}M parameters, AdamW state {:.0} MiB, batch {rows}x{SEQ}, {} threads, {} steps in {wall:.1} s: median step {median:.3} s, CPU {cpu_per_step:.3} s/step (steps {}..{}), peak RSS {:.0} MiB (reset: {reset}; RSS at start {:.0} MiB; max RSS at a step end {:.0} MiB), load1 {load_start} -> {}, losses [{}]",
+        if ckpt_every > 0 {
+            format!(" (checkpoint every {ckpt_every})")
+        } else {
+            String::new()
+        },
         params as f64 / 1e6,
         state_bytes as f64 / 1048576.0,
         eg_kernel::compute_threads(),

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::fsio::{sha256_file, sync_dir, write_atomic};
-use crate::optim::{OptimizerKind, OptimizerState};
+use crate::optim::{OptimizerKind, OptimizerState, OptimizerStream};
 use crate::{Error, Result};
 
 /// Name of the manifest file.
@@ -50,6 +50,9 @@ pub struct CheckpointData {
     pub weights: Arc<NamedBuffers>,
     /// Optimizer state.
     pub optimizer: Arc<OptimizerState>,
+    /// When set (disk offload), the optimizer buffers are streamed from it instead of taken
+    /// from `optimizer.buffers` (same file format).
+    pub optimizer_stream: Option<Arc<OptimizerStream>>,
     /// The trainer's state (JSON).
     pub trainer_json: Vec<u8>,
     /// The data cursor (JSON).
@@ -99,6 +102,30 @@ fn write_safetensors(
     buffers: &NamedBuffers,
     metadata: &BTreeMap<String, String>,
 ) -> Result<FileEntry> {
+    let entries: Vec<(&str, &[usize], usize)> = buffers
+        .iter()
+        .map(|(n, (shape, v))| (n.as_str(), shape.as_slice(), v.len()))
+        .collect();
+    let values: Vec<&[f32]> = buffers.values().map(|(_, v)| v.as_slice()).collect();
+    write_safetensors_with(path, &entries, metadata, &mut |i, sink| {
+        for chunk in values[i].chunks(1 << 14) {
+            sink(chunk).map_err(Error::io(path))?;
+        }
+        Ok(())
+    })
+}
+
+/// Passes the values of entry `i` to the sink.
+type Fill<'a> = dyn FnMut(usize, &mut dyn FnMut(&[f32]) -> std::io::Result<()>) -> Result<()> + 'a;
+
+/// [`write_safetensors`] from entries (name, shape, elements; in name order) whose values
+/// `fill` passes on piece by piece.
+fn write_safetensors_with(
+    path: &Path,
+    entries: &[(&str, &[usize], usize)],
+    metadata: &BTreeMap<String, String>,
+    fill: &mut Fill<'_>,
+) -> Result<FileEntry> {
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
         header.insert(
@@ -110,10 +137,10 @@ fn write_safetensors(
         );
     }
     let mut offset = 0usize;
-    for (name, (shape, v)) in buffers {
-        let n = v.len() * 4;
+    for &(name, shape, len) in entries {
+        let n = len * 4;
         header.insert(
-            name.clone(),
+            name.to_string(),
             serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + n]}),
         );
         offset += n;
@@ -139,13 +166,25 @@ fn write_safetensors(
         .map_err(io)?;
     w.write_all(&head).map_err(io)?;
     let mut buf = Vec::with_capacity(1 << 16);
-    for (_, v) in buffers.values() {
-        for chunk in v.chunks(1 << 14) {
-            buf.clear();
-            for x in chunk {
-                buf.extend_from_slice(&x.to_le_bytes());
+    for (i, &(name, _, len)) in entries.iter().enumerate() {
+        let mut written = 0usize;
+        fill(i, &mut |v: &[f32]| {
+            for chunk in v.chunks(1 << 14) {
+                buf.clear();
+                for x in chunk {
+                    buf.extend_from_slice(&x.to_le_bytes());
+                }
+                w.write_all(&buf)?;
             }
-            w.write_all(&buf).map_err(io)?;
+            written += v.len();
+            Ok(())
+        })?;
+        if written != len {
+            return Err(Error::StateMismatch {
+                what: format!("{name} written to {}", path.display()),
+                expected: format!("{len} values"),
+                found: written.to_string(),
+            });
         }
     }
     let HashWriter { inner, hash, bytes } = w;
@@ -205,10 +244,19 @@ pub fn save(root: &Path, data: &CheckpointData) -> Result<PathBuf> {
             ("t".to_string(), data.optimizer.t.to_string()),
             ("kind".to_string(), kind),
         ]);
-        files.insert(
-            OPTIMIZER.to_string(),
-            write_safetensors(&tmp.join(OPTIMIZER), &data.optimizer.buffers, &meta)?,
-        );
+        let opt_path = tmp.join(OPTIMIZER);
+        let entry = match &data.optimizer_stream {
+            None => write_safetensors(&opt_path, &data.optimizer.buffers, &meta)?,
+            Some(st) => {
+                let entries: Vec<(&str, &[usize], usize)> = st
+                    .buffers
+                    .iter()
+                    .map(|(n, shape, _, _)| (n.as_str(), shape.as_slice(), shape.iter().product()))
+                    .collect();
+                write_safetensors_with(&opt_path, &entries, &meta, &mut |i, sink| st.read(i, sink))?
+            }
+        };
+        files.insert(OPTIMIZER.to_string(), entry);
         files.insert(
             TRAINER.to_string(),
             write_small(&tmp.join(TRAINER), &data.trainer_json)?,
@@ -353,6 +401,7 @@ pub fn load(dir: &Path) -> Result<CheckpointData> {
         step: m.step,
         weights: Arc::new(weights),
         optimizer: Arc::new(OptimizerState { t, kind, buffers }),
+        optimizer_stream: None,
         trainer_json: read(TRAINER)?,
         cursor_json: read(CURSOR)?,
         config_toml,

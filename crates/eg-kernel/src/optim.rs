@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::Var;
-pub use eg_memory::offload::{DiskStore, DiskStoreOptions, Flush};
+pub use eg_memory::offload::{DiskStore, DiskStoreOptions, Flush, SnapshotReader};
 use serde::{Deserialize, Serialize};
 
 use crate::tensors::update_var;
@@ -157,6 +157,11 @@ pub trait StateStore: Send + std::fmt::Debug {
     fn save_snapshot(&mut self) -> Result<bool> {
         Ok(false)
     }
+    /// A reader of the copy made by [`StateStore::save_snapshot`] (`None`: the store keeps
+    /// none), so a checkpoint can stream it instead of exporting the state into RAM.
+    fn snapshot_reader(&self) -> Result<Option<Arc<dyn SlotReader>>> {
+        Ok(None)
+    }
     /// Restores the copy made by [`StateStore::save_snapshot`].
     fn restore_snapshot(&mut self) -> Result<()> {
         Err(Error::StateMismatch {
@@ -164,6 +169,54 @@ pub trait StateStore: Send + std::fmt::Debug {
             expected: "a snapshot kept by the state store".into(),
             found: "a store that keeps none".into(),
         })
+    }
+}
+
+/// Reads a saved copy of optimizer buffers piece by piece (an offloading store's snapshot).
+pub trait SlotReader: Send + Sync + std::fmt::Debug {
+    /// Passes slot `slot` of parameter `param` to `sink`, in order, in pieces.
+    fn read(
+        &self,
+        param: usize,
+        slot: usize,
+        sink: &mut dyn FnMut(&[f32]) -> std::io::Result<()>,
+    ) -> Result<()>;
+}
+
+impl SlotReader for SnapshotReader {
+    fn read(
+        &self,
+        param: usize,
+        slot: usize,
+        sink: &mut dyn FnMut(&[f32]) -> std::io::Result<()>,
+    ) -> Result<()> {
+        Ok(SnapshotReader::read(self, param, slot, sink)?)
+    }
+}
+
+/// The optimizer buffers of a checkpoint, streamed from a store's snapshot instead of held
+/// in RAM: names in the checkpoint's order (sorted), with shapes.
+#[derive(Debug)]
+pub struct OptimizerStream {
+    /// `<param>.<slot>`, shape, parameter index, slot index; sorted by name.
+    pub buffers: Vec<(String, Vec<usize>, usize, usize)>,
+    reader: Arc<dyn SlotReader>,
+}
+
+impl OptimizerStream {
+    /// Passes buffer `i` of [`OptimizerStream::buffers`] to `sink` in pieces.
+    pub fn read(
+        &self,
+        i: usize,
+        sink: &mut dyn FnMut(&[f32]) -> std::io::Result<()>,
+    ) -> Result<()> {
+        let (name, _, param, slot) = self.buffers.get(i).ok_or_else(|| Error::StateMismatch {
+            what: "optimizer stream".into(),
+            expected: format!("fewer than {} buffers", self.buffers.len()),
+            found: i.to_string(),
+        })?;
+        let _ = name;
+        self.reader.read(*param, *slot, sink)
     }
 }
 
@@ -212,6 +265,10 @@ impl StateStore for DiskStore {
 
     fn restore_snapshot(&mut self) -> Result<()> {
         Ok(DiskStore::restore_snapshot(self)?)
+    }
+
+    fn snapshot_reader(&self) -> Result<Option<Arc<dyn SlotReader>>> {
+        Ok(Some(Arc::new(DiskStore::snapshot_reader(self)?)))
     }
 }
 
@@ -645,12 +702,36 @@ impl Optimizer {
     }
 
     /// The state of a snapshot just taken, as a checkpoint needs it: the snapshot itself
-    /// when it is in RAM, else an export of the live state (equal to it until the next
-    /// update).
-    pub fn checkpoint_state(&mut self, snap: &OptimizerSnapshot) -> Result<Arc<OptimizerState>> {
+    /// when it is in RAM; when the store keeps it (disk offload), `t` and the rule with no
+    /// buffers, plus a stream that reads the buffers from the store's snapshot files (so the
+    /// whole state is never in RAM).
+    pub fn checkpoint_state(
+        &mut self,
+        snap: &OptimizerSnapshot,
+    ) -> Result<(Arc<OptimizerState>, Option<Arc<OptimizerStream>>)> {
         match snap {
-            OptimizerSnapshot::Ram(s) => Ok(s.clone()),
-            OptimizerSnapshot::InStore { .. } => Ok(Arc::new(self.export_state()?)),
+            OptimizerSnapshot::Ram(s) => Ok((s.clone(), None)),
+            OptimizerSnapshot::InStore { t } => {
+                let Some(reader) = self.store.snapshot_reader()? else {
+                    return Ok((Arc::new(self.export_state()?), None));
+                };
+                let mut buffers = Vec::new();
+                for (i, p) in self.params.iter().enumerate() {
+                    for (s, slot) in self.kind.slot_names().iter().enumerate() {
+                        buffers.push((format!("{}.{slot}", p.name), p.shape.clone(), i, s));
+                    }
+                }
+                buffers.sort_by(|a, b| a.0.cmp(&b.0));
+                let state = OptimizerState {
+                    t: *t,
+                    kind: self.kind,
+                    buffers: BTreeMap::new(),
+                };
+                Ok((
+                    Arc::new(state),
+                    Some(Arc::new(OptimizerStream { buffers, reader })),
+                ))
+            }
         }
     }
 

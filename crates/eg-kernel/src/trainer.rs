@@ -1276,10 +1276,12 @@ impl<M: TrainModel> Trainer<M> {
         };
         self.settle_pending()?;
         let snap = self.capture()?;
+        let (optimizer, optimizer_stream) = self.optimizer.checkpoint_state(&snap.optimizer)?;
         let data = CheckpointData {
             step: self.state.step,
             weights: snap.weights.clone(),
-            optimizer: self.optimizer.checkpoint_state(&snap.optimizer)?,
+            optimizer,
+            optimizer_stream,
             trainer_json: serde_json::to_vec_pretty(&self.state).map_err(|source| Error::Json {
                 what: "trainer.json",
                 source,

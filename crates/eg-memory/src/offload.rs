@@ -277,7 +277,7 @@ pub struct DiskStore {
     root: PathBuf,
     opts: DiskStoreOptions,
     params: Vec<Option<ParamFile>>,
-    snapshot: Vec<Option<File>>,
+    snapshot: Vec<Option<Arc<File>>>,
     worker: Worker,
     /// Units (parameter, chunk) in update order, rebuilt when allocation changes.
     order: Vec<(usize, usize)>,
@@ -730,6 +730,15 @@ impl DiskStore {
         for (i, p) in self.params.iter().enumerate() {
             let Some(p) = p else { continue };
             let path = dir.join(format!("p{i:05}.bin"));
+            // A checkpoint writer may still be reading the previous snapshot: give it the
+            // old file (unlinked, still open) and write this one into a new file.
+            if self.snapshot[i]
+                .as_ref()
+                .is_some_and(|f| Arc::strong_count(f) > 1)
+            {
+                std::fs::remove_file(&path).map_err(io_err(&path, "replace"))?;
+                self.snapshot[i] = None;
+            }
             if self.snapshot[i].is_none() {
                 let f = std::fs::OpenOptions::new()
                     .read(true)
@@ -739,7 +748,7 @@ impl DiskStore {
                     .open(&path)
                     .map_err(io_err(&path, "create"))?;
                 reserve(&f, &path, p.bytes(), &dir, self.opts.keep_free)?;
-                self.snapshot[i] = Some(f);
+                self.snapshot[i] = Some(Arc::new(f));
             }
             if let Some(dst) = &self.snapshot[i] {
                 copy_file(&p.file, &p.path, dst, &path, p.bytes())?;
@@ -768,6 +777,35 @@ impl DiskStore {
         Ok(())
     }
 
+    /// A reader of the state saved by the last [`DiskStore::save_snapshot`], for writing a
+    /// checkpoint without the whole state in RAM (it reads with `pread` in 4 MiB pieces).
+    /// It stays valid until the next `save_snapshot` or `restore_snapshot`, also after the
+    /// store is dropped (it holds the open files).
+    pub fn snapshot_reader(&self) -> Result<SnapshotReader> {
+        let mut params = Vec::with_capacity(self.params.len());
+        for (i, p) in self.params.iter().enumerate() {
+            let Some(p) = p else {
+                params.push(None);
+                continue;
+            };
+            let Some(Some(f)) = self.snapshot.get(i) else {
+                return Err(Error::Offload {
+                    path: self.root.join("snapshot"),
+                    action: "read the snapshot (none taken) in",
+                    source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                });
+            };
+            params.push(Some(SnapshotFile {
+                path: self.root.join("snapshot").join(format!("p{i:05}.bin")),
+                file: f.clone(),
+                slots: p.slots,
+                len: p.len,
+                stride: p.stride,
+            }));
+        }
+        Ok(SnapshotReader { params })
+    }
+
     /// Whether [`DiskStore::save_snapshot`] has run since the last allocation.
     pub fn has_snapshot(&self) -> bool {
         self.params
@@ -779,6 +817,62 @@ impl DiskStore {
 
 /// Copies `len` bytes from the start of `src` to the start of `dst` without truncating
 /// `dst` (it is mapped), with `copy_file_range` under the hood.
+#[derive(Debug)]
+struct SnapshotFile {
+    path: PathBuf,
+    file: Arc<File>,
+    slots: usize,
+    len: usize,
+    stride: usize,
+}
+
+/// Reads the buffers of a [`DiskStore`] snapshot from its files (see
+/// [`DiskStore::snapshot_reader`]).
+#[derive(Debug)]
+pub struct SnapshotReader {
+    params: Vec<Option<SnapshotFile>>,
+}
+
+impl SnapshotReader {
+    /// Passes slot `slot` of parameter `param` to `sink` in pieces of up to 1 Mi values,
+    /// in order.
+    pub fn read(
+        &self,
+        param: usize,
+        slot: usize,
+        sink: &mut dyn FnMut(&[f32]) -> std::io::Result<()>,
+    ) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let p = self
+            .params
+            .get(param)
+            .and_then(Option::as_ref)
+            .filter(|p| slot < p.slots)
+            .ok_or(Error::Invalid {
+                what: "offload snapshot",
+                field: "param",
+                reason: format!("no slot {slot} of parameter {param}"),
+            })?;
+        const PIECE: usize = 1 << 20;
+        let mut bytes = vec![0u8; PIECE.min(p.len) * F32];
+        let mut vals = vec![0f32; PIECE.min(p.len)];
+        let mut done = 0;
+        while done < p.len {
+            let n = PIECE.min(p.len - done);
+            let b = &mut bytes[..n * F32];
+            p.file
+                .read_exact_at(b, (slot * p.stride + done * F32) as u64)
+                .map_err(io_err(&p.path, "read the snapshot"))?;
+            for (v, c) in vals[..n].iter_mut().zip(b.chunks_exact(F32)) {
+                *v = f32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
+            }
+            sink(&vals[..n]).map_err(io_err(&p.path, "pass on the snapshot of"))?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
 fn copy_file(src: &File, src_path: &Path, dst: &File, dst_path: &Path, len: u64) -> Result<()> {
     let mut s = src;
     let mut d = dst;
@@ -862,6 +956,26 @@ mod tests {
         assert!(s.slot(0, 0).unwrap().iter().all(|&x| x == 1.0 + 2.0 + 3.0));
         assert!(s.slot(0, 1).unwrap().iter().all(|&x| x == 2.0 + 3.0 + 4.0));
         assert_eq!(s.slot(1, 0).unwrap(), &[6.0; 3]);
+        s.save_snapshot().unwrap();
+        let r = s.snapshot_reader().unwrap();
+        let mut got = Vec::new();
+        r.read(0, 1, &mut |v| {
+            got.extend_from_slice(v);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(got, s.slot(0, 1).unwrap());
+        // A new snapshot while the reader lives does not change what the reader reads.
+        s.slots_mut(0).unwrap()[1][0] = 42.0;
+        s.save_snapshot().unwrap();
+        let mut again = Vec::new();
+        r.read(0, 1, &mut |v| {
+            again.extend_from_slice(v);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(again, got);
+        s.slots_mut(0).unwrap()[1][0] = got[0];
         s.save_snapshot().unwrap();
         s.slots_mut(0).unwrap()[1][4999] = -1.0;
         s.restore_snapshot().unwrap();
