@@ -27,6 +27,12 @@
 //! - [`controller`]: the pure state machine that shrinks the micro-batch (accumulation grows,
 //!   the global batch never changes), then turns on checkpointing, then offload, and grows
 //!   back after a stable period; every [`Decision`] is a serde record.
+//! - [`guard`]: the controller in a training loop ([`MemoryGuard`]): between steps it
+//!   projects the next step's peak (other processes of the cgroup + this process's
+//!   predicted or measured peak) against the budget and shrinks before a step that would be
+//!   OOM-killed, reads the measured pressure (cgroup working set, PSI, OOM events), probes
+//!   the first step at micro-batch 1 to calibrate the model, and saves its state for
+//!   checkpoints (eg-kernel's `Trainer::with_memory_guard` applies the decisions).
 //! - [`precision`]: the compute-precision selector ([`select`]): explicit choices kept; `auto`
 //!   is bf16 on GPUs with native bf16, else f16 with dynamic loss scaling; on CPUs bf16 only
 //!   with native bf16 *and* a measured bf16 GEMM speed-up (candle's CPU bf16 was slower than
