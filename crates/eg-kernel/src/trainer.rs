@@ -20,7 +20,7 @@ use crate::loss_scale::{LossScaler, ScaleUpdate};
 use crate::objective::{CausalLm, Objective};
 use crate::optim::{Optimizer, OptimizerSnapshot};
 use crate::schedule::Schedule;
-use crate::tensors::{set_var, to_vec_f32};
+use crate::tensors::{copy_f32_into, set_var};
 use crate::{Error, Result};
 
 /// What the trainer needs from a model: its trainable parameters and a forward pass.
@@ -451,6 +451,10 @@ pub struct Trainer<M: TrainModel> {
     stop: Arc<AtomicBool>,
     state: TrainerState,
     snapshot: Option<Snapshot>,
+    /// The rollback snapshot before the current one: its buffers are reused by the next
+    /// capture once the checkpoint writer has let go of them (no allocation, no page faults
+    /// in the loop's stall).
+    spare: Option<Snapshot>,
     /// Gradient sums of the current update (candle's own storage for one micro-batch).
     grads: Grads,
     /// Factor from the summed (loss-scaled) gradients to true gradients, this update.
@@ -553,6 +557,7 @@ impl<M: TrainModel> Trainer<M> {
             opts,
             callbacks: Vec::new(),
             snapshot: None,
+            spare: None,
             grads,
             grad_unscale: 1.0,
             metrics: None,
@@ -626,9 +631,12 @@ impl<M: TrainModel> Trainer<M> {
     pub fn set_optimizer_store(&mut self, store: Box<dyn crate::optim::StateStore>) -> Result<()> {
         // The old snapshot may live in the old store: drop it before the store goes.
         let had_snapshot = self.snapshot.take().is_some();
+        // The spare buffers go too: the state may be moving to disk to free RAM.
+        self.spare = None;
         self.optimizer.set_store(store)?;
         if had_snapshot {
-            self.snapshot = Some(self.capture()?);
+            let s = self.capture()?;
+            self.set_snapshot(s);
         }
         Ok(())
     }
@@ -804,23 +812,52 @@ impl<M: TrainModel> Trainer<M> {
         };
         self.restore_memory_guard()?;
         self.loader.restore_json(&data.cursor_json)?;
-        self.snapshot = Some(self.capture()?);
+        let s = self.capture()?;
+        self.set_snapshot(s);
         Ok(())
     }
 
+    /// Makes `s` the rollback point; the one it replaces becomes the spare whose buffers
+    /// the next [`Trainer::capture`] reuses.
+    fn set_snapshot(&mut self, s: Snapshot) {
+        self.spare = self.snapshot.replace(s);
+    }
+
+    /// A snapshot of the current state. Copies into the spare snapshot's buffers when no
+    /// one else holds them (the background writer is done: `Arc::try_unwrap`), else into
+    /// new ones; the values are the same either way.
     fn capture(&mut self) -> Result<Snapshot> {
-        let mut weights = BTreeMap::new();
-        for (n, v) in self.names.iter().zip(&self.vars) {
-            weights.insert(
-                n.clone(),
-                (v.dims().to_vec(), to_vec_f32(n, v.as_tensor())?),
-            );
-        }
+        use rayon::prelude::*;
+        let (mut old_weights, old_optimizer) = match self.spare.take() {
+            Some(s) => (
+                Arc::try_unwrap(s.weights).unwrap_or_default(),
+                match s.optimizer {
+                    OptimizerSnapshot::Ram(o) => Arc::try_unwrap(o).ok(),
+                    OptimizerSnapshot::InStore { .. } => None,
+                },
+            ),
+            None => (BTreeMap::new(), None),
+        };
+        let jobs: Vec<_> = self
+            .names
+            .iter()
+            .zip(&self.vars)
+            .map(|(n, v)| (n, v, old_weights.remove(n).map(|(_, b)| b)))
+            .collect();
+        drop(old_weights);
+        // The copies run on rayon's threads (each tensor is copied whole into its own place).
+        let weights = jobs
+            .into_par_iter()
+            .map(|(n, v, reuse)| {
+                let b = copy_f32_into(n, v.as_tensor(), reuse)?;
+                Ok((n.clone(), (v.dims().to_vec(), b)))
+            })
+            .collect::<Result<BTreeMap<_, _>>>()?;
         Ok(Snapshot {
             step: self.state.step,
             tokens_seen: self.state.tokens_seen,
             weights: Arc::new(weights),
-            optimizer: self.optimizer.snapshot()?,
+            optimizer: self.optimizer.snapshot_reusing(old_optimizer)?,
             cursor: self.loader.cursor_json()?,
             detector: self.state.detector.clone(),
         })
@@ -918,7 +955,8 @@ impl<M: TrainModel> Trainer<M> {
             if let Some(run) = &self.opts.run_dir {
                 truncate_metrics(&run.join("metrics.jsonl"), self.state.step)?;
             }
-            self.snapshot = Some(self.capture()?);
+            let s = self.capture()?;
+            self.set_snapshot(s);
         }
         let mut last_loss = None;
         let mut last_eval = None;
@@ -1077,7 +1115,8 @@ impl<M: TrainModel> Trainer<M> {
                     Err(e) => return Err(e),
                 }
             } else if self.opts.snapshot_every > 0 && s.is_multiple_of(self.opts.snapshot_every) {
-                self.snapshot = Some(self.capture()?);
+                let snap = self.capture()?;
+                self.set_snapshot(snap);
             }
             if stop || early {
                 self.join_pending()?;
@@ -1291,7 +1330,7 @@ impl<M: TrainModel> Trainer<M> {
             eval_loss,
             threads: self.state.threads,
         };
-        self.snapshot = Some(snap);
+        self.set_snapshot(snap);
         let dir = c.dir.join(checkpoint::step_dir_name(data.step));
         let write = move || -> Result<PathBuf> {
             let d = checkpoint::save(&c.dir, &data)?;

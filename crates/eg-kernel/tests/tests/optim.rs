@@ -197,3 +197,55 @@ fn clipping_factor_scales_gradients() {
         .unwrap();
     assert_eq!(values(&a), values(&b));
 }
+
+#[test]
+fn snapshot_reusing_a_spare_equals_a_fresh_export() {
+    use eg_kernel::optim::OptimizerSnapshot;
+    // One buffer large enough for the parallel copy (≥ 2^18 elements), one small.
+    let shapes = [
+        ("big".to_string(), vec![600, 500]),
+        ("small".to_string(), vec![2, 2]),
+    ];
+    let kind = OptimizerKind::AdamW {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+    };
+    let n = 600 * 500;
+    let big = var(&vec![0.5; n], &[600, 500]);
+    let small = var(&W0, &[2, 2]);
+    let vars = [big, small];
+    let mut opt = Optimizer::new(kind, 0.01, &shapes).unwrap();
+    let grads = |k: usize| {
+        vec![
+            (0..n)
+                .map(|i| ((i * 7 + k) % 13) as f32 - 6.0)
+                .collect::<Vec<_>>(),
+            GRADS[k % GRADS.len()].to_vec(),
+        ]
+    };
+    opt.step(&vars, &grads(0), 0.01, 1.0).unwrap();
+    let OptimizerSnapshot::Ram(first) = opt.snapshot().unwrap() else {
+        panic!("a RAM store exports its snapshot");
+    };
+    let first = std::sync::Arc::try_unwrap(first).unwrap();
+    opt.step(&vars, &grads(1), 0.01, 1.0).unwrap();
+    let want = opt.export_state().unwrap();
+    assert_ne!(
+        first, want,
+        "the state must have moved for the test to mean anything"
+    );
+    // A spare with the right buffers, one with a wrong length and a foreign name, none.
+    let mut odd = first.clone();
+    if let Some((_, v)) = odd.buffers.get_mut("small.exp_avg") {
+        v.push(1.0);
+    }
+    odd.buffers
+        .insert("other.exp_avg".into(), (vec![1], vec![3.0]));
+    for spare in [Some(first), Some(odd), None] {
+        let OptimizerSnapshot::Ram(got) = opt.snapshot_reusing(spare).unwrap() else {
+            panic!("a RAM store exports its snapshot");
+        };
+        assert_eq!(*got, want);
+    }
+}
