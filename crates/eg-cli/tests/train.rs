@@ -597,7 +597,11 @@ fn mixed_sources_with_their_own_augmentations() {
     assert_eq!(first.len(), 6);
     // Resume reproduces the same augmented, mixed stream.
     let out = train("9");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let all = losses(&run);
     let fresh = dir.path().join("fresh");
     let mut c = Command::new(env!("CARGO_BIN_EXE_eg"));
@@ -615,6 +619,10 @@ fn mixed_sources_with_their_own_augmentations() {
         c.arg("--set").arg(s);
     }
     let out = c.env_remove("EG_LOG").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(losses(&fresh), all);
 }

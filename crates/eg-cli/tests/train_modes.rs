@@ -170,7 +170,10 @@ fn sft_trains_on_chat_jsonl_with_prompt_tokens_masked() {
         );
         segments += 1;
     }
-    assert!(segments > 8, "best-fit packing puts several chats in a row ({segments} in 8 rows)");
+    assert!(
+        segments > 8,
+        "best-fit packing puts several chats in a row ({segments} in 8 rows)"
+    );
 }
 
 /// `data.source = "tokens"`: shards from `eg data prepare`, with and without a tokenizer.

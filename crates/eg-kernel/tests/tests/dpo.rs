@@ -20,7 +20,9 @@ fn pairs(n: u32) -> Arc<PairDataset> {
     let mut d = PairDataset::new();
     for i in 0..n {
         let plen = 2 + (i % 4) as usize;
-        let prompt = (0..plen as u32).map(|j| (i * 13 + j * 7) % 60 + 1).collect();
+        let prompt = (0..plen as u32)
+            .map(|j| (i * 13 + j * 7) % 60 + 1)
+            .collect();
         let clen = 2 + (i % 3) as usize;
         d.push(PreferencePair {
             prompt,
@@ -107,7 +109,10 @@ fn dpo_loss_and_gradient_match_finite_differences() {
         / 3.0;
     let (loss, value) = loss_of(&mut dpo, &m, &b);
     assert!((value - want).abs() < 1e-10, "{value} vs {want}");
-    assert!((want - 2f64.ln()).abs() > 1e-3, "the policy should differ from the reference");
+    assert!(
+        (want - 2f64.ln()).abs() > 1e-3,
+        "the policy should differ from the reference"
+    );
 
     let grads = loss.backward().unwrap();
     let h = 1e-5;
@@ -119,7 +124,12 @@ fn dpo_loss_and_gradient_match_finite_differences() {
             .unwrap()
             .to_vec1::<f64>()
             .unwrap();
-        let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let base = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         for k in [0, base.len() / 2, base.len() - 1] {
             let mut eval = |d: f64| {
                 let mut w = base.clone();
@@ -204,11 +214,17 @@ fn dpo_training_raises_reward_accuracy_and_margin_and_keeps_the_reference() {
         let mean = |r: std::ops::Range<usize>, k: &str| {
             r.clone().map(|i| s[i].extra[k]).sum::<f64>() / r.len() as f64
         };
-        let (a0, a1) = (mean(0..4, "reward_accuracy"), mean(20..24, "reward_accuracy"));
+        let (a0, a1) = (
+            mean(0..4, "reward_accuracy"),
+            mean(20..24, "reward_accuracy"),
+        );
         let (m0, m1) = (mean(0..4, "reward_margin"), mean(20..24, "reward_margin"));
         let (l0, l1) = (s[0].loss, mean(20..24, "reward_margin"));
         let _ = l1;
-        assert!((l0 - 2f64.ln()).abs() < 1e-6, "lora={lora}: first loss {l0}");
+        assert!(
+            (l0 - 2f64.ln()).abs() < 1e-6,
+            "lora={lora}: first loss {l0}"
+        );
         assert!(a1 > a0 && a1 >= 0.9, "lora={lora}: accuracy {a0} -> {a1}");
         assert!(m1 > m0 && m1 > 0.5, "lora={lora}: margin {m0} -> {m1}");
         let last = s[23].loss;
@@ -268,7 +284,11 @@ fn dpo_accumulation_matches_one_big_batch() {
         let (l, w) = run(micro);
         assert!((l - l8).abs() < 1e-5, "micro {micro}: {l} vs {l8}");
         for ((n, a), (_, b)) in w.iter().zip(&w8) {
-            let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            let d = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
             assert!(d < 1e-4, "micro {micro}: {n} differs by {d}");
         }
     }
