@@ -401,6 +401,44 @@ impl Callback for Progress {
     }
 }
 
+/// Resumes `trainer` from `dir` as `run.resume` asks (`never` refuses a directory with
+/// checkpoints, `require` fails without one), then routes the signal flag `stop` to the
+/// trainer's stop flag. Returns the step resumed from.
+fn resume_and_forward_stop<M: TrainModel>(
+    trainer: &mut Trainer<M>,
+    cfg: &Config,
+    dir: &Path,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<Option<u64>> {
+    use config::wire::ResumeMode;
+    let existing = !kernel::checkpoint::list(dir).is_empty();
+    let resumed = match cfg.run.resume {
+        ResumeMode::Never if existing => anyhow::bail!(
+            "{} already holds checkpoints and run.resume = \"never\"; choose another run.dir",
+            dir.display()
+        ),
+        ResumeMode::Never => None,
+        ResumeMode::Require => {
+            Some(
+                trainer
+                    .resume()?
+                    .ok_or_else(|| kernel::Error::NoCheckpoint {
+                        dir: dir.to_path_buf(),
+                    })?,
+            )
+        }
+        _ => trainer.resume()?,
+    };
+    let flag = trainer.stop_flag();
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        flag.store(true, Ordering::SeqCst);
+    });
+    Ok(resumed)
+}
+
 /// Runs `eg train`.
 pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let cfg = config::Sources::new()
@@ -547,30 +585,7 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         });
     }
 
-    let existing = !kernel::checkpoint::list(&c.dir).is_empty();
-    use config::wire::ResumeMode;
-    let resumed = match cfg.run.resume {
-        ResumeMode::Never if existing => anyhow::bail!(
-            "{} already holds checkpoints and run.resume = \"never\"; choose another run.dir",
-            c.dir.display()
-        ),
-        ResumeMode::Never => None,
-        ResumeMode::Require => Some(
-            trainer
-                .resume()?
-                .ok_or_else(|| kernel::Error::NoCheckpoint { dir: c.dir.clone() })?,
-        ),
-        _ => trainer.resume()?,
-    };
-    // Signals are now routed to the trainer's flag.
-    let flag = trainer.stop_flag();
-    let stop2 = stop.clone();
-    std::thread::spawn(move || {
-        while !stop2.load(Ordering::SeqCst) {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        flag.store(true, Ordering::SeqCst);
-    });
+    let resumed = resume_and_forward_stop(&mut trainer, &cfg, &c.dir, stop)?;
 
     let start = trainer.state().step;
     if start >= max_steps {

@@ -14,13 +14,13 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use anyhow::Context;
 use candle_core::{DType, Device};
 use elastic_guardian::config::Config;
-use elastic_guardian::config::wire::{EncoderObjective, Pooling as WPooling, ResumeMode};
+use elastic_guardian::config::wire::{EncoderObjective, Pooling as WPooling};
 use elastic_guardian::data::{
     self, FieldPath, LabelMap, LabeledDataset, LabeledKind, LabeledOptions, Loader, Placement,
     TokenDataset,
@@ -243,27 +243,7 @@ pub(super) fn run(
         });
     }
 
-    let existing = !kernel::checkpoint::list(&c.dir).is_empty();
-    let resumed = match cfg.run.resume {
-        ResumeMode::Never if existing => anyhow::bail!(
-            "{} already holds checkpoints and run.resume = \"never\"; choose another run.dir",
-            c.dir.display()
-        ),
-        ResumeMode::Never => None,
-        ResumeMode::Require => Some(
-            trainer
-                .resume()?
-                .ok_or_else(|| kernel::Error::NoCheckpoint { dir: c.dir.clone() })?,
-        ),
-        _ => trainer.resume()?,
-    };
-    let flag = trainer.stop_flag();
-    std::thread::spawn(move || {
-        while !stop.load(Ordering::SeqCst) {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        flag.store(true, Ordering::SeqCst);
-    });
+    let resumed = super::resume_and_forward_stop(&mut trainer, cfg, &c.dir, stop)?;
 
     let start = trainer.state().step;
     if start >= max_steps {
