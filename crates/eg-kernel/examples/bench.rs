@@ -7,6 +7,9 @@
 //! for profilers; VARIANT is candle, bare or guarded).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "common/mod.rs"]
+mod common;
+use common::cpu_secs;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -231,18 +234,6 @@ fn checkpoint_stall() -> (f64, f64, u64) {
         .map(|e| e.metadata().unwrap().len())
         .sum();
     (stall, save, bytes)
-}
-
-/// CPU seconds (user + system) of this process so far (`getrusage`, all threads).
-fn cpu_secs() -> f64 {
-    // SAFETY: getrusage only writes the struct it is given.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `u` is a valid, writable rusage.
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
-        return f64::NAN;
-    }
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
-    tv(u.ru_utime) + tv(u.ru_stime)
 }
 
 /// (wall s/step, CPU s/step) of a variant over `STEPS` steps after a warm-up step, run in a

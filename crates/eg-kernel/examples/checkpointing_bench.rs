@@ -21,6 +21,9 @@
 //! intermediate 2048, vocabulary 32000, tied embeddings (109.5M parameters).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "common/mod.rs"]
+mod common;
+use common::{cpu_secs, load1, status_kb};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -28,38 +31,6 @@ use candle_core::{DType, Device, Tensor};
 use eg_data::{InMemoryDataset, Loader, LoaderOptions, Placement};
 use eg_kernel::{Optimizer, OptimizerKind, Schedule, TrainModel, Trainer, TrainerOptions};
 use eg_model::{Llama, LlamaConfig};
-
-fn status_kb(key: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
-
-/// User + system CPU seconds of this process.
-fn cpu_seconds() -> f64 {
-    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let f: Vec<&str> = s
-        .rsplit_once(')')
-        .map_or("", |(_, r)| r)
-        .split_whitespace()
-        .collect();
-    let tick = 100.0;
-    let ut: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    let st: f64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    (ut + st) / tick
-}
-
-fn load1() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_string))
-        .unwrap_or_default()
-}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -137,7 +108,7 @@ fn main() {
         eps: 1e-8,
     };
     let mut opt = Optimizer::new(kind, 0.0, &shapes).unwrap();
-    let cpu0 = cpu_seconds();
+    let cpu0 = cpu_secs();
     let start = Instant::now();
     let mut losses = Vec::new();
     if lp == "trainer" {
@@ -176,7 +147,7 @@ fn main() {
         }
     }
     let secs = start.elapsed().as_secs_f64() / steps as f64;
-    let cpu = (cpu_seconds() - cpu0) / steps as f64;
+    let cpu = (cpu_secs() - cpu0) / steps as f64;
     println!(
         "{mode} {lp}: {:.1}M parameters, batch {rows}x{seq}, {} threads, {steps} steps: \
          {secs:.2} s/step wall, {cpu:.2} CPU s/step, peak RSS while training {:.0} MiB \

@@ -15,6 +15,9 @@
 //! all linear layers; QLoRA: the same on an NF4 (double-quantized) base.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "common/mod.rs"]
+mod common;
+use common::status_kb;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,17 +27,6 @@ use eg_kernel::{Optimizer, OptimizerKind, Schedule, TrainModel, Trainer, Trainer
 use eg_model::{Llama, LlamaConfig, LoraConfig, QuantKind};
 
 const SEQ: usize = 256;
-
-fn status_kb(key: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();

@@ -11,6 +11,9 @@
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
+#[path = "common/mod.rs"]
+mod common;
+use common::cpu_secs;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -33,17 +36,6 @@ const ROWS: usize = 8;
 const VOCAB: usize = 4096;
 const STEPS: u64 = 6;
 const VARIANTS: &[&str] = &["pretrain", "sft", "dpo", "pretrain-lora", "dpo-lora"];
-
-fn cpu_secs() -> f64 {
-    // SAFETY: getrusage only writes the struct it is given.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `u` is a valid, writable rusage.
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
-        return f64::NAN;
-    }
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
-    tv(u.ru_utime) + tv(u.ru_stime)
-}
 
 fn tok(i: u64, j: u64) -> u32 {
     (eg_data::order::mix64(i * 1_000_003 + j) % (VOCAB as u64 - 1)) as u32 + 1

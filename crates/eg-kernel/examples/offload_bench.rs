@@ -19,6 +19,9 @@
 //! same steps. The 1-minute load average is printed with the figures.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "common/mod.rs"]
+mod common;
+use common::{cpu_secs, load1, status_kb};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -33,36 +36,6 @@ use eg_memory::offload::Flush;
 use eg_model::{Llama, LlamaConfig};
 
 const SEQ: usize = 128;
-
-fn status_kb(key: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
-
-fn load1() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_string))
-        .unwrap_or_default()
-}
-
-/// Process CPU time (user + system, all threads) from `/proc/self/stat`, in seconds
-/// (USER_HZ is 100 on Linux).
-fn cpu_secs() -> f64 {
-    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (which may contain spaces) start at field 3.
-    let rest = s.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 (1-based): 11 and 12 after the name.
-    (tick(11) + tick(12)) / 100.0
-}
 
 /// Per step: wall seconds, process CPU seconds at its end, RSS (KiB) at its end, loss.
 type Row = (f64, f64, u64, f64);

@@ -17,6 +17,9 @@
 //! separately (it allocates).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "common/mod.rs"]
+mod common;
+use common::{cpu_secs, status_kb};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -29,27 +32,6 @@ use eg_kernel::{
 use eg_model::{Llama, LlamaConfig};
 
 const SEQ: usize = 256;
-
-fn status_kb(key: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
-
-/// User + system CPU seconds of this process.
-fn cpu_secs() -> f64 {
-    let s = std::fs::read_to_string("/proc/self/stat").unwrap();
-    let rest = &s[s.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // Fields 14 and 15 of stat (utime, stime) are 12 and 13 after the command name.
-    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
-    ticks / 100.0
-}
 
 fn gemm() {
     // The shapes of a 110M step at 4 x 256 tokens: projections and the MLP.

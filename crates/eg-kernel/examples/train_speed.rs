@@ -19,6 +19,9 @@
 //! Run in release: `cargo run --release -p eg-kernel --example train_speed -- train --threads 2`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "common/mod.rs"]
+mod common;
+use common::cpu_secs;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -110,17 +113,6 @@ fn peak_rss() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// User + system CPU seconds of this process.
-fn cpu_seconds() -> f64 {
-    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (which is in parentheses): utime is field 14, stime 15.
-    let rest = s.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let tick = 100.0; // USER_HZ on Linux
-    let get = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
-    (get(11) + get(12)) / tick
-}
-
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
@@ -209,7 +201,7 @@ fn train(a: &Args) -> Result<()> {
     let mut cpu0 = 0.0;
     for step in 0..a.warmup + a.steps {
         if step == a.warmup {
-            cpu0 = cpu_seconds();
+            cpu0 = cpu_secs();
         }
         let rows = &batches[step % batches.len()];
         let mut ids = Vec::with_capacity(a.batch * a.seq);
@@ -256,7 +248,7 @@ fn train(a: &Args) -> Result<()> {
             total.push((t4 - t0).as_secs_f64());
         }
     }
-    let cpu = cpu_seconds() - cpu0;
+    let cpu = cpu_secs() - cpu0;
     let tokens = a.batch * a.seq;
     let step_s = median(&total);
     println!(
