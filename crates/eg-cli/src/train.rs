@@ -401,6 +401,40 @@ impl Callback for Progress {
     }
 }
 
+/// The loop's options from `[train]` (guards, checkpoints, evaluation, schedule) and
+/// `data.prefetch`, with the micro-batch rows and peak learning rate chosen by the caller.
+fn trainer_options(cfg: &Config, micro: usize, peak: f64) -> anyhow::Result<TrainerOptions> {
+    let max_steps = cfg.train.max_steps.0;
+    let g = &cfg.train.guards;
+    let c = &cfg.train.checkpoints;
+    Ok(TrainerOptions {
+        max_steps,
+        micro_batch_rows: micro,
+        schedule: Schedule::from_config(&cfg.train.schedule, peak, max_steps),
+        clip_norm: g.clip_norm,
+        coverage_check: g.coverage_check,
+        nan_skip_limit: g.nan_skip_limit.max(1),
+        spike: g.spike.as_ref().map(|s| (s.window as usize, s.zscore)),
+        lr_backoff: g.lr_backoff.get().max(f64::MIN_POSITIVE),
+        checkpoints: Some(CheckpointOptions {
+            dir: c.dir.clone(),
+            every: c.every.0,
+            keep_last: c.keep_last as usize,
+            keep_best: c.keep_best as usize,
+            background: c.background,
+        }),
+        snapshot_every: c.every.0,
+        eval_every: cfg.train.eval.every.0,
+        eval_max_batches: cfg.train.eval.max_batches as usize,
+        early_stopping_patience: cfg.train.eval.early_stopping_patience.map(|p| p.get()),
+        run_dir: Some(cfg.run.dir.clone()),
+        config_toml: Some(
+            cfg.to_toml()
+                .context("serialising the resolved configuration")?,
+        ),
+        prefetch: cfg.data.prefetch,
+    })
+}
 /// Resumes `trainer` from `dir` as `run.resume` asks (`never` refuses a directory with
 /// checkpoints, `require` fails without one), then routes the signal flag `stop` to the
 /// trainer's stop flag. Returns the step resumed from.
@@ -526,35 +560,8 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let store = kernel::optim::store_for(&cfg.memory.offload)?;
     let optimizer = Optimizer::with_store(kind, wd, &shapes, store)?;
     let max_steps = cfg.train.max_steps.0;
-    let g = &cfg.train.guards;
     let c = &cfg.train.checkpoints;
-    let opts = TrainerOptions {
-        max_steps,
-        micro_batch_rows: micro,
-        schedule: Schedule::from_config(&cfg.train.schedule, peak, max_steps),
-        clip_norm: g.clip_norm,
-        coverage_check: g.coverage_check,
-        nan_skip_limit: g.nan_skip_limit.max(1),
-        spike: g.spike.as_ref().map(|s| (s.window as usize, s.zscore)),
-        lr_backoff: g.lr_backoff.get().max(f64::MIN_POSITIVE),
-        checkpoints: Some(CheckpointOptions {
-            dir: c.dir.clone(),
-            every: c.every.0,
-            keep_last: c.keep_last as usize,
-            keep_best: c.keep_best as usize,
-            background: c.background,
-        }),
-        snapshot_every: c.every.0,
-        eval_every: cfg.train.eval.every.0,
-        eval_max_batches: cfg.train.eval.max_batches as usize,
-        early_stopping_patience: cfg.train.eval.early_stopping_patience.map(|p| p.get()),
-        run_dir: Some(cfg.run.dir.clone()),
-        config_toml: Some(
-            cfg.to_toml()
-                .context("serialising the resolved configuration")?,
-        ),
-        prefetch: cfg.data.prefetch,
-    };
+    let opts = trainer_options(&cfg, micro, peak)?;
     let objective = modes::objective(&cfg, &model)?;
     let mut trainer = Trainer::new(model, optimizer, loader, opts)?.with_objective(objective);
     if precision.loss_scaling {

@@ -26,8 +26,8 @@ use elastic_guardian::data::{
     TokenDataset,
 };
 use elastic_guardian::kernel::{
-    self, BertTask, Callback, CheckpointOptions, Classification, Embedding, EvalMetrics, EvalSet,
-    Optimizer, OptimizerKind, Schedule, StepMetrics, TrainModel, Trainer, TrainerOptions,
+    self, BertTask, Callback, Classification, Embedding, EvalMetrics, EvalSet, Optimizer,
+    OptimizerKind, StepMetrics, TrainModel, Trainer,
 };
 use elastic_guardian::model::{Bert, Pooling};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -199,35 +199,8 @@ pub(super) fn run(
         .sum();
     let optimizer = Optimizer::new(kind, wd, &shapes)?;
     let max_steps = cfg.train.max_steps.0;
-    let g = &cfg.train.guards;
     let c = &cfg.train.checkpoints;
-    let opts = TrainerOptions {
-        max_steps,
-        micro_batch_rows: micro,
-        schedule: Schedule::from_config(&cfg.train.schedule, peak, max_steps),
-        clip_norm: g.clip_norm,
-        coverage_check: g.coverage_check,
-        nan_skip_limit: g.nan_skip_limit.max(1),
-        spike: g.spike.as_ref().map(|s| (s.window as usize, s.zscore)),
-        lr_backoff: g.lr_backoff.get().max(f64::MIN_POSITIVE),
-        checkpoints: Some(CheckpointOptions {
-            dir: c.dir.clone(),
-            every: c.every.0,
-            keep_last: c.keep_last as usize,
-            keep_best: c.keep_best as usize,
-            background: c.background,
-        }),
-        snapshot_every: c.every.0,
-        eval_every: cfg.train.eval.every.0,
-        eval_max_batches: cfg.train.eval.max_batches as usize,
-        early_stopping_patience: cfg.train.eval.early_stopping_patience.map(|p| p.get()),
-        run_dir: Some(run_dir.clone()),
-        config_toml: Some(
-            cfg.to_toml()
-                .context("serialising the resolved configuration")?,
-        ),
-        prefetch: cfg.data.prefetch,
-    };
+    let opts = super::trainer_options(cfg, micro, peak)?;
     let mut trainer = Trainer::new(model, optimizer, loader, opts)?;
     trainer = match cl.objective {
         EncoderObjective::Embedding => trainer.with_objective(Box::new(Embedding {
