@@ -1,8 +1,9 @@
 //! The eg side of `cargo xtask bench train` (issue 9): trains a Llama with this workspace's
 //! model (`eg_model::Llama`, fused ops with backward) and optimizer (`eg_kernel::Optimizer`,
 //! in-place AdamW) in f32 on the CPU, doing per step what the `Trainer` does (forward,
-//! cross entropy, backward, gradients gathered into f32 accumulators, global norm for
-//! clipping, optimizer update) without the guards, and prints one line
+//! cross entropy and backward, through the model's fused step when it has one; gradients
+//! read in place; global norm for clipping; optimizer update) without the guards, and prints
+//! one line
 //!
 //! ```text
 //! RESULT key=value key=value ...
@@ -44,8 +45,11 @@ struct Args {
     warmup: usize,
     threads: usize,
     spin_limit: Option<u32>,
+    tune: bool,
     n: usize,
     reps: usize,
+    /// Use the model's fused training step (as the trainer does); 0: candle's autograd.
+    fused: bool,
 }
 
 fn parse() -> Result<Args> {
@@ -67,8 +71,10 @@ fn parse() -> Result<Args> {
         warmup: 2,
         threads: 0,
         spin_limit: None,
+        tune: true,
         n: 2048,
         reps: 5,
+        fused: true,
     };
     while let Some(k) = it.next() {
         let v = it.next().with_context(|| format!("{k} needs a value"))?;
@@ -86,8 +92,10 @@ fn parse() -> Result<Args> {
             "--warmup" => a.warmup = num()?,
             "--threads" => a.threads = num()?,
             "--spin-limit" => a.spin_limit = Some(v.parse().context("--spin-limit")?),
+            "--tune" => a.tune = num()? != 0,
             "--n" => a.n = num()?,
             "--reps" => a.reps = num()?,
+            "--fused" => a.fused = num()? != 0,
             _ => bail!("unknown option {k}"),
         }
     }
@@ -124,23 +132,6 @@ fn median(v: &[f64]) -> f64 {
     } else {
         (s[n / 2 - 1] + s[n / 2]) / 2.0
     }
-}
-
-/// Adds the f32 gradient `g` into `acc` (as `Trainer::forward_backward` does).
-fn accumulate(acc: &mut [f32], g: &Tensor) -> Result<()> {
-    let g = g.contiguous()?;
-    let (st, layout) = g.storage_and_layout();
-    let Storage::Cpu(cpu) = &*st else {
-        bail!("gradient not on the CPU")
-    };
-    let v = cpu.as_slice::<f32>()?;
-    let (a, b) = layout
-        .contiguous_offsets()
-        .context("gradient not contiguous")?;
-    for (x, y) in acc.iter_mut().zip(&v[a..b]) {
-        *x += *y;
-    }
-    Ok(())
 }
 
 /// A small deterministic generator (SplitMix64) for the token ids.
@@ -212,32 +203,54 @@ fn train(a: &Args) -> Result<()> {
         }
         let t0 = Instant::now();
         let ids = Tensor::from_vec(ids, (a.batch, a.seq), &Device::Cpu)?;
-        let logits = model.forward(&ids)?;
-        let loss = eg_model::ops::cross_entropy(&logits, &targets)?;
-        let loss_v = loss.to_scalar::<f32>()?;
-        let t1 = Instant::now();
-        let store = loss.backward()?;
-        drop(logits);
-        drop(loss);
+        let (loss_v, store, t1) = if a.fused {
+            // What the trainer runs for this model: the fused step (hand-written backward).
+            let s = model.fused_step(&ids, &targets, 1.0)?;
+            let t1 = t0 + std::time::Duration::from_secs_f64(s.forward_seconds);
+            (s.loss as f32, s.grads, t1)
+        } else {
+            let logits = model.forward(&ids)?;
+            let loss = eg_model::ops::cross_entropy(&logits, &targets)?;
+            let loss_v = loss.to_scalar::<f32>()?;
+            let t1 = Instant::now();
+            (loss_v, loss.backward()?, t1)
+        };
         let t2 = Instant::now();
-        for g in &mut grads {
-            g.fill(0.0);
+        // One micro-batch: the optimizer reads each gradient where candle (or the fused
+        // step) left it, as the trainer does (`grads.rs`): no zeroing, no copy.
+        let gs: Vec<Tensor> = named
+            .iter()
+            .map(|(name, var)| {
+                store
+                    .get(var.as_tensor())
+                    .map(Tensor::contiguous)
+                    .transpose()?
+                    .with_context(|| format!("no gradient for {name}"))
+            })
+            .collect::<Result<_>>()?;
+        let guards: Vec<_> = gs.iter().map(Tensor::storage_and_layout).collect();
+        let mut slices: Vec<&[f32]> = Vec::with_capacity(guards.len());
+        for (st, layout) in &guards {
+            let Storage::Cpu(cpu) = &**st else {
+                bail!("gradient not on the CPU")
+            };
+            let (a, b) = layout
+                .contiguous_offsets()
+                .context("gradient not contiguous")?;
+            slices.push(&cpu.as_slice::<f32>()?[a..b]);
         }
-        for ((name, var), acc) in named.iter().zip(&mut grads) {
-            let g = store
-                .get(var.as_tensor())
-                .with_context(|| format!("no gradient for {name}"))?;
-            accumulate(acc, g)?;
-        }
-        drop(store);
         let t3 = Instant::now();
-        let norm: f64 = grads
+        let norm: f64 = slices
             .iter()
             .map(|g| eg_kernel::guards::sum_squares(g))
             .sum::<f64>()
             .sqrt();
         let scale = eg_kernel::guards::clip_factor(norm, Some(1.0));
-        opt.step(&vars, &grads, 3e-4, scale)?;
+        opt.step(&vars, &slices, 3e-4, scale)?;
+        drop(slices);
+        drop(guards);
+        drop(gs);
+        drop(store);
         let t4 = Instant::now();
         losses.push(loss_v);
         if step >= a.warmup {
@@ -252,10 +265,11 @@ fn train(a: &Args) -> Result<()> {
     let tokens = a.batch * a.seq;
     let step_s = median(&total);
     println!(
-        "RESULT side=eg threads={} params={n_params} tokens_per_step={tokens} steps={} \
+        "RESULT side=eg fused={} threads={} params={n_params} tokens_per_step={tokens} steps={} \
          step_s={step_s:.6} fwd_s={:.6} bwd_s={:.6} gather_s={:.6} opt_s={:.6} \
          mean_step_s={:.6} min_step_s={:.6} tokens_per_s={:.3} cpu_s_per_step={:.6} peak_rss={} \
          first_loss={:.5} last_loss={:.5}",
+        u8::from(a.fused),
         a.threads,
         a.steps,
         median(&fwd),

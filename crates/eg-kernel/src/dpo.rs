@@ -215,6 +215,7 @@ impl<M: TrainModel> Objective<M> for Dpo<M> {
                 ("reward_chosen", chosen / normaliser),
                 ("reward_rejected", rejected / normaliser),
             ],
+            grads: None,
         }))
     }
 }

@@ -161,6 +161,7 @@ impl<M: TrainModel> Objective<M> for Classification {
             value: scalar(&loss)?,
             loss,
             metrics: vec![("accuracy", correct as f64 / normaliser)],
+            grads: None,
         }))
     }
 }
@@ -217,6 +218,7 @@ impl<M: TrainModel> Objective<M> for Embedding {
             value: scalar(&loss)?,
             loss,
             metrics: vec![("retrieval_accuracy", hits as f64 / normaliser)],
+            grads: None,
         }))
     }
 }

@@ -38,6 +38,7 @@
 
 use std::ops::Range;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use eg_data::Batch;
 
@@ -45,7 +46,7 @@ use crate::trainer::TrainModel;
 use crate::{Error, Result};
 
 /// The loss of one micro-batch.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct MicroLoss {
     /// The micro-batch's loss divided by the global batch's normaliser: the trainer calls
     /// `backward` on it and accumulates the gradients.
@@ -55,6 +56,10 @@ pub struct MicroLoss {
     /// Extra metrics of this micro-batch, scaled like `loss` so that the sum over the
     /// micro-batches is the global batch's value (e.g. DPO's reward accuracy).
     pub metrics: Vec<(&'static str, f64)>,
+    /// The gradients of `loss`, when the objective computed them itself (a model's fused
+    /// training step, [`TrainModel::fused_causal_lm`]); the trainer then uses them instead
+    /// of calling `loss.backward()`, and `loss` is only a detached value.
+    pub grads: Option<GradStore>,
 }
 
 /// A training objective: the loss of a micro-batch, normalised over its global batch.
@@ -80,6 +85,18 @@ pub trait Objective<M: TrainModel> {
         rows: Range<usize>,
         normaliser: f64,
     ) -> Result<Option<MicroLoss>>;
+
+    /// The loss of rows `rows` for evaluation: as [`Objective::micro_loss`], but no gradient
+    /// will be taken (an objective that computes gradients itself skips that here).
+    fn eval_loss(
+        &mut self,
+        model: &M,
+        batch: &Batch,
+        rows: Range<usize>,
+        normaliser: f64,
+    ) -> Result<Option<MicroLoss>> {
+        self.micro_loss(model, batch, rows, normaliser)
+    }
 }
 
 /// Next-token cross entropy over the tokens the loader marks as targets (pre-training and
@@ -199,19 +216,57 @@ impl<M: TrainModel> Objective<M> for CausalLm {
         rows: Range<usize>,
         normaliser: f64,
     ) -> Result<Option<MicroLoss>> {
+        self.loss(model, batch, rows, normaliser, true)
+    }
+
+    fn eval_loss(
+        &mut self,
+        model: &M,
+        batch: &Batch,
+        rows: Range<usize>,
+        normaliser: f64,
+    ) -> Result<Option<MicroLoss>> {
+        self.loss(model, batch, rows, normaliser, false)
+    }
+}
+
+impl CausalLm {
+    /// The micro-batch loss; with `fused`, through the model's fused step when it has one.
+    fn loss<M: TrainModel>(
+        &self,
+        model: &M,
+        batch: &Batch,
+        rows: Range<usize>,
+        normaliser: f64,
+        fused: bool,
+    ) -> Result<Option<MicroLoss>> {
         let t = row_targets(batch, &rows);
         let count = t.iter().flatten().count();
         if count == 0 || normaliser <= 0.0 {
             return Ok(None);
         }
+        let weight = count as f64 / normaliser;
+        if fused && !self.document_masks {
+            // The model's fused step (same loss, hand-written backward), when it has one.
+            let ids = row_ids(batch, &rows)?;
+            if let Some((value, grads)) = model.fused_causal_lm(&ids, &t, weight)? {
+                return Ok(Some(MicroLoss {
+                    loss: Tensor::new(value, &Device::Cpu)?,
+                    value,
+                    metrics: Vec::new(),
+                    grads: Some(grads),
+                }));
+            }
+        }
         let logits = row_logits(model, batch, &rows, self.document_masks)?;
         let ce = eg_model::ops::cross_entropy(&logits, &t)?;
-        let loss = (ce * (count as f64 / normaliser))?;
+        let loss = (ce * weight)?;
         let value = scalar(&loss)?;
         Ok(Some(MicroLoss {
             loss,
             value,
             metrics: Vec::new(),
+            grads: None,
         }))
     }
 }

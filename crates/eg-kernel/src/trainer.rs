@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use eg_data::{Batch, BatchSource, Loader, LoaderOptions, Placement, TokenDataset};
 use serde::{Deserialize, Serialize};
@@ -72,6 +73,18 @@ pub trait TrainModel {
             issue: 6,
         })
     }
+    /// The loss `weight × cross_entropy(logits(ids), targets)` and its gradients in one
+    /// call, when the model has a fused training step for its current settings (issue 9:
+    /// [`eg_model::Llama::fused_step`], a hand-written backward). `Ok(None)`: no fused step,
+    /// the objective builds the loss for candle's autograd instead.
+    fn fused_causal_lm(
+        &self,
+        _ids: &Tensor,
+        _targets: &[Option<u32>],
+        _weight: f64,
+    ) -> Result<Option<(f64, GradStore)>> {
+        Ok(None)
+    }
     /// Whether the model trains adapters over a frozen base (LoRA): DPO then uses the base
     /// ([`TrainModel::base_logits`]) as its reference.
     fn has_adapters(&self) -> bool {
@@ -114,6 +127,19 @@ impl TrainModel for eg_model::Llama {
 
     fn packed_logits(&self, ids: &Tensor, positions: &Tensor, doc_ids: &[u32]) -> Result<Tensor> {
         Ok(self.forward_packed(ids, positions, doc_ids)?)
+    }
+
+    fn fused_causal_lm(
+        &self,
+        ids: &Tensor,
+        targets: &[Option<u32>],
+        weight: f64,
+    ) -> Result<Option<(f64, GradStore)>> {
+        if self.fused_step_unavailable(ids.dim(1)?).is_some() {
+            return Ok(None);
+        }
+        let step = self.fused_step(ids, targets, weight)?;
+        Ok(Some((step.loss, step.grads)))
     }
 
     fn has_adapters(&self) -> bool {
@@ -1172,11 +1198,13 @@ impl<M: TrainModel> Trainer<M> {
                 for (k, v) in micro.metrics {
                     *self.step_extra.entry(k.to_string()).or_insert(0.0) += v;
                 }
-                let scaled = match loss_scale {
-                    Some(s) => (micro.loss * s)?,
-                    None => micro.loss,
+                let store = match (micro.grads, loss_scale) {
+                    // Gradients from a fused backward (issue 9): already those of `loss`.
+                    (Some(g), None) => g,
+                    (Some(g), Some(s)) => scale_grads(g, &self.vars, s)?,
+                    (None, Some(s)) => (micro.loss * s)?.backward()?,
+                    (None, None) => micro.loss.backward()?,
                 };
-                let store = scaled.backward()?;
                 let check = self.opts.coverage_check && !self.coverage_checked;
                 let mut missing = Vec::new();
                 for (i, (name, var)) in self.names.iter().zip(&self.vars).enumerate() {
@@ -1236,7 +1264,7 @@ impl<M: TrainModel> Trainer<M> {
             let mut r0 = 0;
             while r0 < b.rows {
                 let r1 = (r0 + mb).min(b.rows);
-                if let Some(m) = self.objective.micro_loss(&self.model, &b, r0..r1, 1.0)? {
+                if let Some(m) = self.objective.eval_loss(&self.model, &b, r0..r1, 1.0)? {
                     sum += m.value;
                     for (k, v) in m.metrics {
                         *extra.entry(k.to_string()).or_insert(0.0) += v;
@@ -1397,4 +1425,15 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
         }
     }
     crate::fsio::write_atomic(path, out.as_bytes())
+}
+
+/// The gradients of `loss × scale` from those of `loss`: a fused backward's gradients under
+/// a dynamic loss scaler (whose unscale is applied to every gradient later).
+fn scale_grads(mut grads: GradStore, vars: &[Var], scale: f64) -> Result<GradStore> {
+    for v in vars {
+        if let Some(g) = grads.remove(v.as_tensor()) {
+            grads.insert(v.as_tensor(), (g * scale)?);
+        }
+    }
+    Ok(grads)
 }

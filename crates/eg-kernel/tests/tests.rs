@@ -8,6 +8,7 @@ mod tests {
     mod classification;
     pub(crate) mod common;
     mod dpo;
+    mod fused;
     mod guards;
     mod loop_;
     mod lora;

@@ -64,15 +64,15 @@ pub struct Llama {
     pub(crate) layers: Vec<Layer>,
     pub(crate) norm: Tensor,
     pub(crate) lm_head: Proj,
-    cos: Tensor,
-    sin: Tensor,
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
     /// Adapters and frozen base ([`crate::lora`]); `None` for a fully trainable model.
     pub(crate) lora: Option<Box<LoraState>>,
-    attention: AttentionKind,
+    pub(crate) attention: AttentionKind,
     /// Dtype activations and matrix products run in; `None`: the parameters' dtype.
-    compute: Option<DType>,
+    pub(crate) compute: Option<DType>,
     /// Activation checkpointing of the decoder layers ([`crate::checkpointing`]).
-    checkpointing: CheckpointFlag,
+    pub(crate) checkpointing: CheckpointFlag,
 }
 
 /// The tensors a configuration needs: name, shape and initialisation.

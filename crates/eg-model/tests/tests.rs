@@ -11,6 +11,8 @@ mod bert_heads;
 mod checkpointing;
 #[path = "it/common.rs"]
 mod common;
+#[path = "it/fused.rs"]
+mod fused;
 #[path = "it/gguf.rs"]
 mod gguf;
 #[path = "it/gpt2.rs"]

@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use eg_kernel::{Callback, StepMetrics, TrainModel};
 use eg_model::{Llama, LoraConfig};
@@ -75,6 +76,18 @@ impl TrainModel for Switching {
         let n = self.calls.fetch_add(1, Ordering::Relaxed);
         TrainModel::set_activation_checkpointing(&self.m, n % 2 == 1)?;
         self.m.logits(ids)
+    }
+
+    // The trainer runs Llama's fused step (issue 9), which checkpoints too.
+    fn fused_causal_lm(
+        &self,
+        ids: &Tensor,
+        targets: &[Option<u32>],
+        weight: f64,
+    ) -> eg_kernel::Result<Option<(f64, GradStore)>> {
+        let n = self.calls.fetch_add(1, Ordering::Relaxed);
+        TrainModel::set_activation_checkpointing(&self.m, n % 2 == 1)?;
+        self.m.fused_causal_lm(ids, targets, weight)
     }
 }
 
