@@ -492,6 +492,14 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
 
     check_supported(&cfg)?;
+    if cfg.hardware.tune_process {
+        // SAFETY: as for the threads below: no thread reading the environment runs yet, and
+        // no tensor operation has started candle's pools.
+        let t = unsafe { kernel::tune_process(&kernel::ProcessDefaults::default()) };
+        eprintln!("process: {t}");
+    } else {
+        eprintln!("process: library defaults (hardware.tune_process = false)");
+    }
     if let Some(t) = cfg.hardware.threads {
         let n = std::num::NonZeroUsize::try_from(t)?;
         // SAFETY: nothing has started a thread that reads the environment yet (the signal

@@ -477,6 +477,69 @@ fn hardware_threads_is_applied_recorded_and_a_change_warns() {
     assert_eq!(state["threads"], 2);
 }
 
+/// Process tuning (issue 9): `eg train` applies its allocator and thread-pool defaults at
+/// start and logs them, keeps the settings the user made through the environment, and
+/// `hardware.tune_process = false` leaves the libraries' defaults.
+#[test]
+fn process_tuning_is_logged_respects_the_user_and_can_be_disabled() {
+    let vars = [
+        "CANDLE_BARRIER_POOL_SPIN_LIMIT",
+        "MALLOC_MMAP_THRESHOLD_",
+        "MALLOC_TRIM_THRESHOLD_",
+        "MALLOC_TOP_PAD_",
+        "GLIBC_TUNABLES",
+    ];
+    let run = |extra: &[&str], env: &[(&str, &str)]| {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = eg_train(tmp.path(), &[&["train.max_steps=1"], extra].concat());
+        for v in vars {
+            c.env_remove(v);
+        }
+        c.envs(env.iter().copied());
+        let out = c.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        stderr
+    };
+    let stderr = run(&[], &[]);
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("process: "))
+        .unwrap_or_else(|| panic!("no process line: {stderr}"));
+    for s in [
+        "candle spin limit ",
+        "malloc mmap threshold ",
+        "malloc trim threshold ",
+        "malloc top pad ",
+    ] {
+        assert!(line.contains(s), "{line}");
+    }
+    assert!(!line.contains("yours"), "{line}");
+    if cfg!(all(target_os = "linux", target_env = "gnu")) {
+        assert!(!line.contains("unchanged"), "{line}");
+    }
+    let stderr = run(
+        &[],
+        &[
+            ("CANDLE_BARRIER_POOL_SPIN_LIMIT", "7"),
+            ("MALLOC_TOP_PAD_", "0"),
+        ],
+    );
+    assert!(
+        stderr.contains("candle spin limit yours (CANDLE_BARRIER_POOL_SPIN_LIMIT=7)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("malloc top pad yours (MALLOC_TOP_PAD_=0)"),
+        "{stderr}"
+    );
+    let stderr = run(&["hardware.tune_process=false"], &[]);
+    assert!(
+        stderr.contains("process: library defaults (hardware.tune_process = false)"),
+        "{stderr}"
+    );
+}
+
 /// `memory.offload = "disk"` (issue #8): the optimizer state lives in files under
 /// `memory.offload_dir` while training, the losses and checkpoints are bitwise those of the
 /// state in RAM, a stopped run resumes from its checkpoint with the files recreated, and the

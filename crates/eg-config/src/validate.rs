@@ -64,6 +64,8 @@ pub struct HardwareConfig {
     pub threads: Option<NonZeroU32>,
     /// Measure bandwidth and GEMM throughput at start.
     pub probe: bool,
+    /// Apply the process speed settings at start (allocator, thread-pool spinning).
+    pub tune_process: bool,
 }
 
 /// Where optimizer state lives, validated.
@@ -693,6 +695,7 @@ pub(crate) fn validate(w: WireConfig, r: &Resolved) -> Result<Config, Error> {
         device,
         threads,
         probe: w.hardware.probe,
+        tune_process: w.hardware.tune_process,
     };
 
     // memory

@@ -274,6 +274,11 @@ pub struct HardwareWire {
     pub threads: Option<u64>,
     /// Measure disk bandwidth and GEMM throughput at start (cached per machine).
     pub probe: bool,
+    /// Process speed settings at start: glibc's allocator keeps freed tensor buffers instead
+    /// of unmapping them, candle's thread pool parks instead of spinning (your
+    /// `MALLOC_*_`, `GLIBC_TUNABLES` and `CANDLE_BARRIER_POOL_SPIN_LIMIT` variables win);
+    /// `false` keeps the libraries' defaults.
+    pub tune_process: bool,
 }
 
 impl Default for HardwareWire {
@@ -282,6 +287,7 @@ impl Default for HardwareWire {
             device: "auto".into(),
             threads: None,
             probe: false,
+            tune_process: true,
         }
     }
 }

@@ -5,6 +5,8 @@
 //! `cpu [ROUNDS]` (CPU time of bare vs guarded on one compute thread, load-independent);
 //! `checkpoint` (stall, save time, throughput vs the disk); `run VARIANT STEPS` (one loop,
 //! for profilers; VARIANT is candle, bare or guarded).
+//!
+//! Applies `eg_kernel::tune_process` at start, as `eg train` does.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "common/mod.rs"]
@@ -342,6 +344,11 @@ fn disk_bandwidth(bytes: usize) -> f64 {
 }
 
 fn main() {
+    // What `eg train` does at start (allocator, thread-pool spinning), so that the loops are
+    // measured as `eg` runs them; child processes do the same.
+    // SAFETY: no other thread exists yet and no tensor operation has run.
+    let tuning = unsafe { eg_kernel::tune_process(&eg_kernel::ProcessDefaults::default()) };
+    eprintln!("process: {tuning}");
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         // One variant, for profilers: `bench run guarded 3`.

@@ -14,8 +14,12 @@
 //! ```text
 //! train_speed train --hidden H --inter I --layers L --heads N --kv-heads K --vocab V
 //!                   --seq S --batch B --steps T --warmup W --threads P [--spin-limit X]
-//! train_speed matmul --n 2048 --threads P
+//!                   [--tune 0|1]
+//! train_speed matmul --n 2048 --threads P [--tune 0|1]
 //! ```
+//!
+//! Like `eg train`, it applies `eg_kernel::tune_process` (allocator, thread-pool spinning)
+//! at start unless `--tune 0`; `--spin-limit` overrides the spin limit it sets.
 //!
 //! Run in release: `cargo run --release -p eg-kernel --example train_speed -- train --threads 2`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -317,6 +321,11 @@ fn main() -> Result<()> {
         if let Some(s) = a.spin_limit {
             std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", s.to_string());
         }
+    }
+    if a.tune {
+        // SAFETY: as above; the spin limit set above counts as the user's and is kept.
+        let t = unsafe { eg_kernel::tune_process(&eg_kernel::ProcessDefaults::default()) };
+        eprintln!("process: {t}");
     }
     match a.mode.as_str() {
         "train" => train(&a),

@@ -102,7 +102,10 @@ pub use optim::{
     RamStore, StateLocation, StateStore,
 };
 pub use schedule::{Schedule, Shape};
-pub use threads::set_compute_threads;
+pub use threads::{
+    Knob, ProcessDefaults, ProcessTuning, Tuned, plan_tuning, release_free_memory,
+    set_compute_threads, tune_process,
+};
 pub use trainer::{
     Anomaly, Callback, CheckpointOptions, EvalMetrics, EvalSet, FitReport, QuarantineEntry,
     StepMetrics, StoreFactory, TrainModel, Trainer, TrainerOptions, TrainerState, batch_targets,

@@ -753,6 +753,11 @@ impl<M: TrainModel> Trainer<M> {
                 cb.on_memory(d);
             }
         }
+        if !poll.decisions.is_empty() {
+            // The allocator may keep freed memory for speed (`tune_process`): a new strategy
+            // gives it back, so that a shrink lowers the process's resident memory.
+            crate::threads::release_free_memory();
+        }
         Ok(())
     }
 
