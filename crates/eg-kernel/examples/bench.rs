@@ -3,7 +3,8 @@
 //!
 //! Modes: none (wall and CPU time of the three loops, 3 rounds, then the checkpoint);
 //! `cpu [ROUNDS]` (CPU time of bare vs guarded on one compute thread, load-independent);
-//! `checkpoint` (stall, save time, throughput vs the disk); `run VARIANT STEPS` (one loop,
+//! `checkpoint [ROUNDS]` (stall, save time, throughput vs the disk; 5 rounds, medians);
+//! `run VARIANT STEPS` (one loop,
 //! for profilers; VARIANT is candle, bare or guarded).
 //!
 //! Applies `eg_kernel::tune_process` at start, as `eg train` does.
@@ -195,8 +196,23 @@ fn per_step(t0: Instant, c0: f64, steps: u64) -> (f64, f64) {
     )
 }
 
-/// Background checkpoint: how long the loop is blocked vs how long the write takes.
-fn checkpoint_stall() -> (f64, f64, u64) {
+/// What the loop blocks for at one background checkpoint, and the data it wrote.
+struct Stall {
+    /// Seconds in `save_checkpoint` (JSON files, handing over, starting the thread).
+    start: f64,
+    /// Seconds the next update waited for the overlapped copy.
+    wait: f64,
+    /// Seconds the copy took on its thread (overlapped with the next step).
+    copy: f64,
+    /// The checkpoint written, for the synchronous save of the same data.
+    dir: std::path::PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+/// Background checkpoint inside the loop: a checkpoint at update 2 whose copy overlaps
+/// update 3's forward and backward; the stall is the time in `save_checkpoint` plus the
+/// wait for the copy before update 3's optimizer step (as the trainer records it).
+fn checkpoint_stall() -> Stall {
     let dir = tempfile::tempdir().unwrap();
     let m = model();
     let shapes: Vec<_> = m
@@ -205,37 +221,42 @@ fn checkpoint_stall() -> (f64, f64, u64) {
         .map(|(n, v)| (n.clone(), v.dims().to_vec()))
         .collect();
     let opt = Optimizer::new(kind(), 0.01, &shapes).unwrap();
-    let mut o = trainer_opts(1);
+    let mut o = trainer_opts(3);
     o.checkpoints = Some(CheckpointOptions {
         dir: dir.path().join("ck"),
-        every: 1000,
+        every: 2,
         keep_last: 100,
         keep_best: 0,
         background: true,
     });
     let mut t = Trainer::new(m, opt, loader(), o).unwrap();
-    t.fit().unwrap(); // writes the step-1 checkpoint at the end
-    let t0 = Instant::now();
-    let d = t.save_checkpoint(None).unwrap().unwrap();
-    let stall = t0.elapsed().as_secs_f64();
-    // Synchronous write of the same data for the save duration.
-    let data = eg_kernel::checkpoint::load(&d);
-    let data = match data {
-        Ok(d) => d,
-        Err(_) => {
-            std::thread::sleep(std::time::Duration::from_secs(2));
-            eg_kernel::checkpoint::load(&d).unwrap()
-        }
-    };
+    t.fit().unwrap(); // checkpoints at 2 (overlapped with update 3) and 3 (at exit)
+    let s = *t
+        .checkpoint_stalls()
+        .find(|s| s.step == 2 && s.checkpoint)
+        .unwrap();
+    Stall {
+        start: s.start_secs,
+        wait: s.wait_secs,
+        copy: s.copy_secs,
+        dir: dir.path().join("ck").join("step-00000002"),
+        _tmp: dir,
+    }
+}
+
+/// Seconds of a synchronous `checkpoint::save` of the checkpoint in `dir`, and its bytes.
+fn synchronous_save(dir: &std::path::Path) -> (f64, u64) {
+    let data = eg_kernel::checkpoint::load(dir).unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
     let t1 = Instant::now();
-    let out = eg_kernel::checkpoint::save(&dir.path().join("sync"), &data).unwrap();
+    let out = eg_kernel::checkpoint::save(&out_dir.path().join("sync"), &data).unwrap();
     let save = t1.elapsed().as_secs_f64();
     let bytes: u64 = std::fs::read_dir(&out)
         .unwrap()
         .flatten()
         .map(|e| e.metadata().unwrap().len())
         .sum();
-    (stall, save, bytes)
+    (save, bytes)
 }
 
 /// (wall s/step, CPU s/step) of a variant over `STEPS` steps after a warm-up step, run in a
@@ -362,7 +383,9 @@ fn main() {
         Some("cpu") => {
             return cpu_one_thread(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(6));
         }
-        Some("checkpoint") => return checkpoint_report(),
+        Some("checkpoint") => {
+            return checkpoint_report(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(5));
+        }
         _ => {}
     }
     let n = model().params().num_elements();
@@ -396,20 +419,82 @@ fn main() {
         100.0 * (sums[2].1 / sums[1].1 - 1.0),
         100.0 * (sums[0].0 / sums[1].0 - 1.0),
     );
-    checkpoint_report();
+    checkpoint_report(5);
 }
 
-fn checkpoint_report() {
-    let (stall, save, bytes) = checkpoint_stall();
-    let bw = disk_bandwidth(bytes as usize);
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// `rounds` rounds, each: a training run with one overlapped checkpoint (the stall), then a
+/// synchronous save of the same data and one write + fsync of as many bytes (the disk),
+/// the order of the last two alternating; medians over the rounds.
+fn checkpoint_report(rounds: usize) {
+    let (mut blocked, mut start, mut wait, mut copy) = (vec![], vec![], vec![], vec![]);
+    let (mut saves, mut disks, mut ratios, mut tputs) = (vec![], vec![], vec![], vec![]);
+    let mut bytes = 0;
+    let load_before = common::load1();
+    for round in 0..rounds {
+        let st = checkpoint_stall();
+        let (save, disk);
+        if round % 2 == 0 {
+            let (s, b) = synchronous_save(&st.dir);
+            bytes = b;
+            save = s;
+            disk = disk_bandwidth(b as usize);
+        } else {
+            disk = disk_bandwidth(bytes.max(1) as usize);
+            let (s, b) = synchronous_save(&st.dir);
+            bytes = b;
+            save = s;
+        }
+        let b = st.start + st.wait;
+        let tput = bytes as f64 / save;
+        println!(
+            "round {round}: stall {:.3} ms (save_checkpoint {:.3} + wait for the copy {:.3}; copy {:.1} ms on its thread) = {:.2}% of a synchronous save of {:.1} ms; save {:.0} MB/s vs disk {:.0} MB/s ({:.0}%), load {}",
+            b * 1e3,
+            st.start * 1e3,
+            st.wait * 1e3,
+            st.copy * 1e3,
+            100.0 * b / save,
+            save * 1e3,
+            tput / 1e6,
+            disk / 1e6,
+            100.0 * tput / disk,
+            common::load1()
+        );
+        blocked.push(b);
+        start.push(st.start);
+        wait.push(st.wait);
+        copy.push(st.copy);
+        ratios.push(b / save);
+        saves.push(save);
+        disks.push(disk);
+        tputs.push(tput / disk);
+    }
+    let save = median(saves);
+    let disk = median(disks);
     println!(
-        "checkpoint: {:.1} MB; background stall {:.1} ms = {:.1}% of a synchronous save of {:.1} ms; save {:.0} MB/s vs disk {:.0} MB/s ({:.0}%)",
+        "checkpoint: {:.1} MB; medians over {rounds} rounds: stall {:.3} ms (save_checkpoint {:.3} + wait {:.3}; overlapped copy {:.1} ms) = {:.2}% of the save (median of ratios {:.2}%); synchronous save {:.1} ms = {:.0} MB/s vs disk {:.0} MB/s ({:.0}%; median of per-round ratios {:.0}%); 1-minute load {} before, {} after",
         bytes as f64 / 1e6,
-        stall * 1e3,
-        100.0 * stall / save,
+        median(blocked.clone()) * 1e3,
+        median(start) * 1e3,
+        median(wait) * 1e3,
+        median(copy) * 1e3,
+        100.0 * median(blocked) / save,
+        100.0 * median(ratios),
         save * 1e3,
         bytes as f64 / save / 1e6,
-        bw / 1e6,
-        100.0 * (bytes as f64 / save) / bw
+        disk / 1e6,
+        100.0 * (bytes as f64 / save) / disk,
+        100.0 * median(tputs),
+        load_before,
+        common::load1()
     );
 }

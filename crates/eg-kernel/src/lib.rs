@@ -107,7 +107,7 @@ pub use threads::{
     set_compute_threads, tune_process,
 };
 pub use trainer::{
-    Anomaly, Callback, CheckpointOptions, EvalMetrics, EvalSet, FitReport, QuarantineEntry,
-    StepMetrics, StoreFactory, TrainModel, Trainer, TrainerOptions, TrainerState, batch_targets,
-    compute_threads,
+    Anomaly, Callback, CheckpointOptions, EvalMetrics, EvalSet, EvalSource, FitReport,
+    QuarantineEntry, SnapshotStall, StepMetrics, StoreFactory, TrainModel, Trainer, TrainerOptions,
+    TrainerState, batch_targets, compute_threads,
 };

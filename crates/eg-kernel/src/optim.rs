@@ -633,6 +633,24 @@ impl Optimizer {
     /// faults on the copy. Bitwise the same as [`Optimizer::snapshot`]; a store that keeps
     /// its own snapshot (disk offload) ignores `spare`.
     pub fn snapshot_reusing(&mut self, spare: Option<OptimizerState>) -> Result<OptimizerSnapshot> {
+        self.snapshot_reusing_with(spare, true)
+    }
+
+    /// [`Optimizer::snapshot_reusing`] with every copy on the calling thread (no rayon
+    /// tasks): what the trainer's background snapshot copy runs while the next step's
+    /// forward and backward use rayon's threads. Bitwise the same.
+    pub fn snapshot_reusing_serial(
+        &mut self,
+        spare: Option<OptimizerState>,
+    ) -> Result<OptimizerSnapshot> {
+        self.snapshot_reusing_with(spare, false)
+    }
+
+    fn snapshot_reusing_with(
+        &mut self,
+        spare: Option<OptimizerState>,
+        parallel: bool,
+    ) -> Result<OptimizerSnapshot> {
         if self.store.save_snapshot()? {
             return Ok(OptimizerSnapshot::InStore { t: self.t });
         }
@@ -646,14 +664,17 @@ impl Optimizer {
             }
         }
         drop(old);
-        // The copies run on rayon's threads (each buffer is copied whole into its own place).
-        use rayon::prelude::*;
-        let buffers: BTreeMap<_, _> = jobs
-            .into_par_iter()
-            .map(|(key, shape, reuse, src)| {
-                (key, (shape.clone(), crate::tensors::reuse_copy(reuse, src)))
-            })
-            .collect();
+        let copy = |(key, shape, reuse, src): (String, &Vec<usize>, Option<Vec<f32>>, &[f32])| {
+            let v = crate::tensors::reuse_copy(reuse, src, parallel);
+            (key, (shape.clone(), v))
+        };
+        let buffers: BTreeMap<_, _> = if parallel {
+            // On rayon's threads (each buffer is copied whole into its own place).
+            use rayon::prelude::*;
+            jobs.into_par_iter().map(copy).collect()
+        } else {
+            jobs.into_iter().map(copy).collect()
+        };
         self.evict_all()?;
         Ok(OptimizerSnapshot::Ram(Arc::new(OptimizerState {
             t: self.t,

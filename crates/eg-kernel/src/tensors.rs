@@ -35,19 +35,27 @@ pub(crate) fn with_f32<R>(name: &str, t: &Tensor, f: impl FnOnce(&[f32]) -> R) -
 
 /// The f32 contents of `t` copied into `spare` when it has the same length (a buffer of an
 /// earlier snapshot: its pages are already mapped, so no page faults), else into a new vector.
-pub(crate) fn copy_f32_into(name: &str, t: &Tensor, spare: Option<Vec<f32>>) -> Result<Vec<f32>> {
-    with_f32(name, t, |s| reuse_copy(spare, s))
+/// `parallel` splits large copies across rayon's threads (see [`reuse_copy`]).
+pub(crate) fn copy_f32_into(
+    name: &str,
+    t: &Tensor,
+    spare: Option<Vec<f32>>,
+    parallel: bool,
+) -> Result<Vec<f32>> {
+    with_f32(name, t, |s| reuse_copy(spare, s, parallel))
 }
 
 /// Elements from which [`reuse_copy`] splits the copy across rayon's threads (1 MiB).
 const PAR_COPY_MIN: usize = 1 << 18;
 
-/// `src` copied into `spare` when the lengths match (no allocation), else a new copy. Large
-/// buffers are copied in chunks on rayon's threads. Bitwise the same either way.
-pub(crate) fn reuse_copy(spare: Option<Vec<f32>>, src: &[f32]) -> Vec<f32> {
+/// `src` copied into `spare` when the lengths match (no allocation), else a new copy. With
+/// `parallel`, large buffers are copied in chunks on rayon's threads (the background
+/// snapshot copy runs on its own thread instead, so it takes no rayon worker from the
+/// training step). Bitwise the same either way.
+pub(crate) fn reuse_copy(spare: Option<Vec<f32>>, src: &[f32], parallel: bool) -> Vec<f32> {
     match spare {
         Some(mut dst) if dst.len() == src.len() => {
-            if src.len() >= PAR_COPY_MIN {
+            if parallel && src.len() >= PAR_COPY_MIN {
                 use rayon::prelude::*;
                 let chunk = src.len().div_ceil(rayon::current_num_threads().max(1));
                 dst.par_chunks_mut(chunk)

@@ -19,9 +19,11 @@ use crate::grads::Grads;
 use crate::guards::{SpikeDetector, clip_factor};
 use crate::loss_scale::{LossScaler, ScaleUpdate};
 use crate::objective::{CausalLm, Objective};
-use crate::optim::{Optimizer, OptimizerSnapshot};
+use crate::optim::{Optimizer, OptimizerSnapshot, OptimizerState, OptimizerStream};
 use crate::schedule::Schedule;
 use crate::tensors::{copy_f32_into, set_var};
+
+use crate::checkpoint::NamedBuffers;
 use crate::{Error, Result};
 
 /// What the trainer needs from a model: its trainable parameters and a forward pass.
@@ -430,6 +432,16 @@ impl std::fmt::Debug for EvalSet {
     }
 }
 
+/// Makes a fresh source of held-out batches for one evaluation
+/// ([`Trainer::with_eval_batches`]).
+pub type EvalSource = Box<dyn FnMut() -> Result<Box<dyn BatchSource>> + Send>;
+
+/// The held-out split: tokens read with a fresh loader, or batches from a source.
+enum EvalData {
+    Tokens(EvalSet),
+    Batches(EvalSource),
+}
+
 /// How [`Trainer::fit`] ended.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FitReport {
@@ -463,15 +475,156 @@ struct Snapshot {
     detector: Option<SpikeDetector>,
 }
 
+/// How long the loop was blocked by one snapshot copied in the background (a checkpoint's
+/// or a rollback point's): [`Trainer::checkpoint_stalls`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SnapshotStall {
+    /// Updates done when the snapshot was taken.
+    pub step: u64,
+    /// Whether it was a checkpoint's (else a rollback point only).
+    pub checkpoint: bool,
+    /// Seconds the loop spent starting it (in [`Trainer::save_checkpoint`]: the small JSON
+    /// files, handing the buffers over, starting the thread).
+    pub start_secs: f64,
+    /// Seconds the loop waited for the copy to finish where it needed the state back (the
+    /// next update, a rollback, ...): zero when the copy was done by then.
+    pub wait_secs: f64,
+    /// Seconds the copy itself took on its thread (overlapped with the loop).
+    pub copy_secs: f64,
+}
+
+impl SnapshotStall {
+    /// Seconds the loop was blocked in total: `start_secs + wait_secs`.
+    pub fn blocked_secs(&self) -> f64 {
+        self.start_secs + self.wait_secs
+    }
+}
+
+/// What the background copy hands back: the optimizer (moved to the copy's thread, since
+/// its state store is read there) and the copied weights and optimizer state.
+struct Copied {
+    optimizer: Optimizer,
+    state: Result<(Arc<NamedBuffers>, OptimizerSnapshot)>,
+    copy_secs: f64,
+}
+
+/// A snapshot being copied on a background thread. The optimizer is on that thread until
+/// [`Trainer::settle_snapshot`] receives it back; the parameters are only read there.
+struct PendingCopy {
+    rx: std::sync::mpsc::Receiver<Copied>,
+    /// The snapshot's small parts, taken on the loop's thread when the copy started.
+    step: u64,
+    tokens_seen: u64,
+    cursor: Vec<u8>,
+    detector: Option<SpikeDetector>,
+    checkpoint: bool,
+    start_secs: f64,
+}
+
+/// The optimizer, in the trainer or on the thread copying a snapshot.
+///
+/// Safety of the overlapped copy: while it runs, the weights are only *read* (the forward
+/// and backward passes, evaluation, the copy; candle's storage lock lets readers share) and
+/// the optimizer, whose update writes the weights and its moments in place, is not in the
+/// trainer at all: every path that writes weights or optimizer state (the update, a
+/// rollback, restoring a checkpoint, moving the optimizer state, a memory-guard action,
+/// drop) first calls [`Trainer::settle_snapshot`], which waits for the copy and takes the
+/// optimizer back.
+enum OptimizerSlot {
+    /// In the trainer.
+    Here(Optimizer),
+    /// Moved to a background snapshot copy.
+    Copying(PendingCopy),
+}
+
+fn optimizer_away() -> Error {
+    Error::StateMismatch {
+        what: "optimizer".into(),
+        expected: "in the trainer".into(),
+        found: "on the background snapshot copy (not settled)".into(),
+    }
+}
+
+/// Copies the parameters and the optimizer state into `spare`'s buffers where they are
+/// free (else new ones). `parallel` runs the copies on rayon's threads (the synchronous
+/// capture); the background copy runs them on its own thread.
+fn copy_state(
+    names: &[String],
+    vars: &[Var],
+    optimizer: &mut Optimizer,
+    spare: (NamedBuffers, Option<OptimizerState>),
+    parallel: bool,
+) -> Result<(Arc<NamedBuffers>, OptimizerSnapshot)> {
+    let (mut old_weights, old_optimizer) = spare;
+    let jobs: Vec<_> = names
+        .iter()
+        .zip(vars)
+        .map(|(n, v)| (n, v, old_weights.remove(n).map(|(_, b)| b)))
+        .collect();
+    drop(old_weights);
+    let copy = |(n, v, reuse): (&String, &Var, Option<Vec<f32>>)| {
+        let b = copy_f32_into(n, v.as_tensor(), reuse, parallel)?;
+        Ok((n.clone(), (v.dims().to_vec(), b)))
+    };
+    let weights = if parallel {
+        // On rayon's threads (each tensor is copied whole into its own place).
+        use rayon::prelude::*;
+        jobs.into_par_iter()
+            .map(copy)
+            .collect::<Result<BTreeMap<_, _>>>()?
+    } else {
+        jobs.into_iter()
+            .map(copy)
+            .collect::<Result<BTreeMap<_, _>>>()?
+    };
+    let optimizer = if parallel {
+        optimizer.snapshot_reusing(old_optimizer)?
+    } else {
+        optimizer.snapshot_reusing_serial(old_optimizer)?
+    };
+    Ok((Arc::new(weights), optimizer))
+}
+
+/// The buffers of a snapshot no longer in use, for the next copy to reuse (those still held
+/// by a checkpoint writer are not taken).
+fn spare_buffers(s: Option<Snapshot>) -> (NamedBuffers, Option<OptimizerState>) {
+    match s {
+        Some(s) => (
+            Arc::try_unwrap(s.weights).unwrap_or_default(),
+            match s.optimizer {
+                OptimizerSnapshot::Ram(o) => Arc::try_unwrap(o).ok(),
+                OptimizerSnapshot::InStore { .. } => None,
+            },
+        ),
+        None => (BTreeMap::new(), None),
+    }
+}
+
+/// What a checkpoint takes from a snapshot copy: the weights, the optimizer state and (disk
+/// offload) the stream of its buffers.
+type CheckpointParts = (
+    Arc<NamedBuffers>,
+    Arc<OptimizerState>,
+    Option<Arc<OptimizerStream>>,
+);
+
+/// Writes a checkpoint from a snapshot copy, on the copy's thread.
+type WriteFromCopy = Box<dyn FnOnce(CheckpointParts) -> Result<PathBuf> + Send>;
+
+/// Background snapshot stalls kept by [`Trainer::checkpoint_stalls`] (the newest).
+const STALLS_KEPT: usize = 256;
+
 /// The training loop: micro-batches with accumulation normalised over the global batch, the
 /// guards, evaluation, checkpoints and exact resume.
 pub struct Trainer<M: TrainModel> {
     model: M,
     names: Vec<String>,
     vars: Vec<Var>,
-    optimizer: Optimizer,
+    optimizer: OptimizerSlot,
+    /// Stalls of the newest background snapshots, oldest first.
+    stalls: std::collections::VecDeque<SnapshotStall>,
     loader: Box<dyn BatchSource>,
-    eval: Option<EvalSet>,
+    eval: Option<EvalData>,
     opts: TrainerOptions,
     callbacks: Vec<Box<dyn Callback>>,
     stop: Arc<AtomicBool>,
@@ -557,7 +710,8 @@ impl<M: TrainModel> Trainer<M> {
             model,
             names,
             vars,
-            optimizer,
+            optimizer: OptimizerSlot::Here(optimizer),
+            stalls: std::collections::VecDeque::new(),
             loader: Box::new(Feed::new(Box::new(loader), opts.prefetch)),
             eval: None,
             stop: Arc::new(AtomicBool::new(false)),
@@ -615,7 +769,18 @@ impl<M: TrainModel> Trainer<M> {
 
     /// Adds a held-out split evaluated every `eval_every` updates and at the end.
     pub fn with_eval(mut self, eval: EvalSet) -> Self {
-        self.eval = Some(eval);
+        self.eval = Some(EvalData::Tokens(eval));
+        self
+    }
+
+    /// Adds a held-out split given as batches (e.g. DPO's preference pairs: a
+    /// [`eg_data::PairLoader`] over held-out pairs, unshuffled, one epoch): `source` makes a
+    /// fresh source at each evaluation (every `eval_every` updates and at the end), which
+    /// is read until it ends or `eval_max_batches` batches. The loss is the objective's on
+    /// those batches, averaged over their normalisers (pairs for DPO), with the
+    /// objective's metrics (DPO: `reward_accuracy`, ...) under `extra`.
+    pub fn with_eval_batches(mut self, source: EvalSource) -> Self {
+        self.eval = Some(EvalData::Batches(source));
         self
     }
 
@@ -645,9 +810,142 @@ impl<M: TrainModel> Trainer<M> {
         &self.opts
     }
 
-    /// The optimizer.
-    pub fn optimizer(&self) -> &Optimizer {
-        &self.optimizer
+    /// The optimizer (waits for a snapshot copy in flight first: the copy holds it).
+    pub fn optimizer(&mut self) -> Result<&Optimizer> {
+        Ok(self.optimizer_mut()?)
+    }
+
+    /// The optimizer, taken back from a snapshot copy in flight first.
+    fn optimizer_mut(&mut self) -> Result<&mut Optimizer> {
+        self.settle_snapshot()?;
+        match &mut self.optimizer {
+            OptimizerSlot::Here(o) => Ok(o),
+            OptimizerSlot::Copying(_) => Err(optimizer_away()),
+        }
+    }
+
+    /// How long the loop was blocked by each of the newest snapshots copied in the
+    /// background (up to 256, oldest first; one is listed once it was settled).
+    pub fn checkpoint_stalls(&self) -> impl Iterator<Item = &SnapshotStall> {
+        self.stalls.iter()
+    }
+
+    /// Waits for a snapshot copy in flight, takes the optimizer back and makes the copy the
+    /// rollback point. Called first by every path that writes the weights or the optimizer
+    /// state, so the copy always sees the state of the step it was started at.
+    fn settle_snapshot(&mut self) -> Result<()> {
+        if matches!(self.optimizer, OptimizerSlot::Here(_)) {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let OptimizerSlot::Copying(p) = &self.optimizer else {
+            return Ok(());
+        };
+        // A copy thread that panicked drops its sender: the optimizer is lost with it.
+        let copied = p.rx.recv().map_err(|_| Error::WriterPanicked)?;
+        let wait_secs = t0.elapsed().as_secs_f64();
+        let OptimizerSlot::Copying(p) =
+            std::mem::replace(&mut self.optimizer, OptimizerSlot::Here(copied.optimizer))
+        else {
+            return Err(optimizer_away());
+        };
+        let (weights, optimizer) = copied.state?;
+        self.set_snapshot(Snapshot {
+            step: p.step,
+            tokens_seen: p.tokens_seen,
+            weights,
+            optimizer,
+            cursor: p.cursor,
+            detector: p.detector,
+        });
+        if self.stalls.len() >= STALLS_KEPT {
+            self.stalls.pop_front();
+        }
+        self.stalls.push_back(SnapshotStall {
+            step: p.step,
+            checkpoint: p.checkpoint,
+            start_secs: p.start_secs,
+            wait_secs,
+            copy_secs: copied.copy_secs,
+        });
+        Ok(())
+    }
+
+    /// Starts copying a snapshot of the current state on a background thread (the training
+    /// step goes on meanwhile; [`Trainer::settle_snapshot`] takes it in). With `then`, the
+    /// same thread goes on to write the checkpoint from the copy; its handle is returned.
+    fn start_snapshot_copy(
+        &mut self,
+        t0: Instant,
+        cursor: Vec<u8>,
+        then: Option<WriteFromCopy>,
+    ) -> Result<JoinHandle<Result<PathBuf>>> {
+        self.settle_snapshot()?;
+        let spare = spare_buffers(self.spare.take());
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let pending = PendingCopy {
+            rx,
+            step: self.state.step,
+            tokens_seen: self.state.tokens_seen,
+            cursor,
+            detector: self.state.detector.clone(),
+            checkpoint: then.is_some(),
+            start_secs: 0.0,
+        };
+        let OptimizerSlot::Here(mut optimizer) =
+            std::mem::replace(&mut self.optimizer, OptimizerSlot::Copying(pending))
+        else {
+            return Err(optimizer_away());
+        };
+        let (names, vars) = (self.names.clone(), self.vars.clone());
+        let body = move || -> Result<PathBuf> {
+            let t = Instant::now();
+            let state = copy_state(&names, &vars, &mut optimizer, spare, false);
+            drop(vars);
+            // The checkpoint's view of the optimizer state (a stream from the store's own
+            // snapshot when it keeps one) is taken before the optimizer goes back.
+            let parts = match &state {
+                Ok((w, o)) if then.is_some() => Some(
+                    optimizer
+                        .checkpoint_state(o)
+                        .map(|(opt, stream)| (w.clone(), opt, stream)),
+                ),
+                _ => None,
+            };
+            let copy_secs = t.elapsed().as_secs_f64();
+            // The loop may have stopped waiting (dropped): then there is no one to hand to.
+            let _ = tx.send(Copied {
+                optimizer,
+                state,
+                copy_secs,
+            });
+            match (then, parts) {
+                (Some(write), Some(parts)) => write(parts?),
+                _ => Ok(PathBuf::new()),
+            }
+        };
+        let handle = std::thread::Builder::new()
+            .name("eg-snapshot".into())
+            .spawn(body);
+        let handle = match handle {
+            Ok(h) => h,
+            Err(e) => {
+                // The closure (and the optimizer in it) is gone with the failed spawn.
+                return Err(Error::Io {
+                    path: PathBuf::from("<snapshot thread>"),
+                    source: e,
+                });
+            }
+        };
+        self.note_start_secs(t0);
+        Ok(handle)
+    }
+
+    /// Records the time the loop spent starting the copy in flight (since `t0`).
+    fn note_start_secs(&mut self, t0: Instant) {
+        if let OptimizerSlot::Copying(p) = &mut self.optimizer {
+            p.start_secs = t0.elapsed().as_secs_f64();
+        }
     }
 
     /// Moves the optimizer state into `store` between steps (the memory controller turns
@@ -655,11 +953,12 @@ impl<M: TrainModel> Trainer<M> {
     /// state stays in the old place. Updates are bitwise the same in either store; the
     /// rollback point moves to the current step.
     pub fn set_optimizer_store(&mut self, store: Box<dyn crate::optim::StateStore>) -> Result<()> {
+        self.settle_snapshot()?;
         // The old snapshot may live in the old store: drop it before the store goes.
         let had_snapshot = self.snapshot.take().is_some();
         // The spare buffers go too: the state may be moving to disk to free RAM.
         self.spare = None;
-        self.optimizer.set_store(store)?;
+        self.optimizer_mut()?.set_store(store)?;
         if had_snapshot {
             let s = self.capture()?;
             self.set_snapshot(s);
@@ -714,6 +1013,7 @@ impl<M: TrainModel> Trainer<M> {
 
     /// Runs `s`: micro-batch rows, activation checkpointing, optimizer-state store.
     fn apply_memory_strategy(&mut self, s: eg_memory::Strategy) -> Result<()> {
+        self.settle_snapshot()?;
         self.opts.micro_batch_rows = s.micro_batch.max(1) as usize;
         let Some(h) = &mut self.memory else {
             return Ok(());
@@ -800,6 +1100,7 @@ impl<M: TrainModel> Trainer<M> {
     }
 
     fn restore_checkpoint(&mut self, data: &CheckpointData) -> Result<()> {
+        self.settle_snapshot()?;
         for (name, var) in self.names.iter().zip(&self.vars) {
             let (shape, v) = data.weights.get(name).ok_or_else(|| Error::StateMismatch {
                 what: format!("weights of {name}"),
@@ -815,7 +1116,7 @@ impl<M: TrainModel> Trainer<M> {
             }
             set_var(name, var, v)?;
         }
-        self.optimizer.import_state(&data.optimizer)?;
+        self.optimizer_mut()?.import_state(&data.optimizer)?;
         let state: TrainerState =
             serde_json::from_slice(&data.trainer_json).map_err(|source| Error::Json {
                 what: "trainer.json",
@@ -854,47 +1155,29 @@ impl<M: TrainModel> Trainer<M> {
         self.spare = self.snapshot.replace(s);
     }
 
-    /// A snapshot of the current state. Copies into the spare snapshot's buffers when no
-    /// one else holds them (the background writer is done: `Arc::try_unwrap`), else into
-    /// new ones; the values are the same either way.
+    /// A snapshot of the current state, copied on this thread (and rayon's). Copies into
+    /// the spare snapshot's buffers when no one else holds them (the background writer is
+    /// done: `Arc::try_unwrap`), else into new ones; the values are the same either way.
     fn capture(&mut self) -> Result<Snapshot> {
-        use rayon::prelude::*;
-        let (mut old_weights, old_optimizer) = match self.spare.take() {
-            Some(s) => (
-                Arc::try_unwrap(s.weights).unwrap_or_default(),
-                match s.optimizer {
-                    OptimizerSnapshot::Ram(o) => Arc::try_unwrap(o).ok(),
-                    OptimizerSnapshot::InStore { .. } => None,
-                },
-            ),
-            None => (BTreeMap::new(), None),
+        self.settle_snapshot()?;
+        let spare = spare_buffers(self.spare.take());
+        let OptimizerSlot::Here(optimizer) = &mut self.optimizer else {
+            return Err(optimizer_away());
         };
-        let jobs: Vec<_> = self
-            .names
-            .iter()
-            .zip(&self.vars)
-            .map(|(n, v)| (n, v, old_weights.remove(n).map(|(_, b)| b)))
-            .collect();
-        drop(old_weights);
-        // The copies run on rayon's threads (each tensor is copied whole into its own place).
-        let weights = jobs
-            .into_par_iter()
-            .map(|(n, v, reuse)| {
-                let b = copy_f32_into(n, v.as_tensor(), reuse)?;
-                Ok((n.clone(), (v.dims().to_vec(), b)))
-            })
-            .collect::<Result<BTreeMap<_, _>>>()?;
+        let (weights, optimizer) = copy_state(&self.names, &self.vars, optimizer, spare, true)?;
         Ok(Snapshot {
             step: self.state.step,
             tokens_seen: self.state.tokens_seen,
-            weights: Arc::new(weights),
-            optimizer: self.optimizer.snapshot_reusing(old_optimizer)?,
+            weights,
+            optimizer,
             cursor: self.loader.cursor_json()?,
             detector: self.state.detector.clone(),
         })
     }
 
     fn rollback(&mut self) -> Result<()> {
+        // A copy in flight is the newest rollback point: it is taken in first.
+        self.settle_snapshot()?;
         let Some(s) = self.snapshot.take() else {
             return Ok(());
         };
@@ -906,7 +1189,7 @@ impl<M: TrainModel> Trainer<M> {
             })?;
             set_var(n, v, p)?;
         }
-        self.optimizer.restore(&s.optimizer)?;
+        self.optimizer_mut()?.restore(&s.optimizer)?;
         self.loader.restore_json(&s.cursor)?;
         let from = self.state.step;
         self.state.step = s.step;
@@ -981,6 +1264,7 @@ impl<M: TrainModel> Trainer<M> {
     }
 
     fn fit_inner(&mut self) -> Result<FitReport> {
+        self.settle_snapshot()?;
         if self.snapshot.is_none() {
             // Not resumed: lines of an earlier attempt that never reached a checkpoint go.
             if let Some(run) = &self.opts.run_dir {
@@ -1084,7 +1368,13 @@ impl<M: TrainModel> Trainer<M> {
             let norm = norm_sq.sqrt();
             let scale = clip_factor(norm, self.opts.clip_norm) * self.grad_unscale;
             let lr = self.opts.schedule.lr(step) * self.state.lr_scale;
-            let (optimizer, vars) = (&mut self.optimizer, &self.vars);
+            // The update writes weights and moments in place: a snapshot copy started at the
+            // last checkpoint (overlapped with this step's forward and backward) ends first.
+            self.settle_snapshot()?;
+            let OptimizerSlot::Here(optimizer) = &mut self.optimizer else {
+                return Err(optimizer_away());
+            };
+            let vars = &self.vars;
             self.grads
                 .with_slices(&self.names, |g| optimizer.step(vars, g, lr, scale))??;
             self.state.step += 1;
@@ -1146,14 +1436,18 @@ impl<M: TrainModel> Trainer<M> {
                     Err(e) => return Err(e),
                 }
             } else if self.opts.snapshot_every > 0 && s.is_multiple_of(self.opts.snapshot_every) {
-                let snap = self.capture()?;
-                self.set_snapshot(snap);
+                // Copied in the background like a checkpoint's, taken in before the next update.
+                let cursor = self.loader.cursor_json()?;
+                // The thread ends once the copy is handed back: nothing to join.
+                drop(self.start_snapshot_copy(Instant::now(), cursor, None)?);
             }
             if stop || early {
+                self.settle_snapshot()?;
                 self.join_pending()?;
                 return Ok(report(self, last_loss, last_eval, stop, early, false));
             }
         }
+        self.settle_snapshot()?;
         self.join_pending()?;
         Ok(report(self, last_loss, last_eval, false, false, false))
     }
@@ -1167,6 +1461,7 @@ impl<M: TrainModel> Trainer<M> {
         if self.opts.checkpoints.is_some() && !already && s > 0 {
             self.save_checkpoint(eval.filter(|e| e.step == s).map(|e| e.loss))?;
         }
+        self.settle_snapshot()?;
         self.join_pending()
     }
 
@@ -1246,13 +1541,20 @@ impl<M: TrainModel> Trainer<M> {
 
     /// [`Trainer::evaluate`] with the model already in evaluation mode.
     fn evaluate_without_dropout(&mut self) -> Result<EvalMetrics> {
-        let Some(ev) = &self.eval else {
-            return Err(Error::InvalidOption {
-                option: "eval",
-                reason: "no held-out split was given".into(),
-            });
+        let mut loader: Box<dyn BatchSource> = match &mut self.eval {
+            None => {
+                return Err(Error::InvalidOption {
+                    option: "eval",
+                    reason: "no held-out split was given".into(),
+                });
+            }
+            Some(EvalData::Tokens(ev)) => Box::new(Loader::new(
+                ev.data.clone(),
+                ev.opts.clone(),
+                Placement::SINGLE,
+            )?),
+            Some(EvalData::Batches(make)) => make()?,
         };
-        let mut loader = Loader::new(ev.data.clone(), ev.opts.clone(), Placement::SINGLE)?;
         // The objective's loss with a normaliser of 1 is the micro-batch's *sum*; the mean
         // is taken over the normalisers of all evaluated batches.
         let mut sum = 0.0f64;
@@ -1342,45 +1644,73 @@ impl<M: TrainModel> Trainer<M> {
 
     /// Writes a checkpoint of the current state now (waits for a background write in
     /// flight first). Also refreshes the rollback snapshot.
+    ///
+    /// With `background`, the weights and the optimizer state are copied on a background
+    /// thread, which then writes the checkpoint: the copy overlaps the next step's forward
+    /// and backward and is waited for before anything writes the state again (the next
+    /// update, a rollback, ...: [`Trainer::checkpoint_stalls`] says how long the loop was
+    /// blocked). Otherwise the copy and the write happen here.
     pub fn save_checkpoint(&mut self, eval_loss: Option<f64>) -> Result<Option<PathBuf>> {
+        let t0 = Instant::now();
         let Some(c) = self.opts.checkpoints.clone() else {
             return Ok(None);
         };
+        self.settle_snapshot()?;
         self.settle_pending()?;
-        let snap = self.capture()?;
-        let (optimizer, optimizer_stream) = self.optimizer.checkpoint_state(&snap.optimizer)?;
-        let data = CheckpointData {
-            step: self.state.step,
-            weights: snap.weights.clone(),
-            optimizer,
-            optimizer_stream,
-            trainer_json: serde_json::to_vec_pretty(&self.state).map_err(|source| Error::Json {
+        let step = self.state.step;
+        let cursor_json = self.loader.cursor_json()?;
+        let trainer_json =
+            serde_json::to_vec_pretty(&self.state).map_err(|source| Error::Json {
                 what: "trainer.json",
                 source,
-            })?,
-            cursor_json: self.loader.cursor_json()?,
-            config_toml: self.opts.config_toml.clone(),
-            eval_loss,
-            threads: self.state.threads,
-        };
-        self.set_snapshot(snap);
-        let dir = c.dir.join(checkpoint::step_dir_name(data.step));
-        let write = move || -> Result<PathBuf> {
+            })?;
+        let (config_toml, threads) = (self.opts.config_toml.clone(), self.state.threads);
+        let dir = c.dir.join(checkpoint::step_dir_name(step));
+        let background = c.background;
+        let cursor = cursor_json.clone();
+        let write = move |(weights, optimizer, optimizer_stream): CheckpointParts| {
+            let data = CheckpointData {
+                step,
+                weights,
+                optimizer,
+                optimizer_stream,
+                trainer_json,
+                cursor_json,
+                config_toml,
+                eval_loss,
+                threads,
+            };
             let d = checkpoint::save(&c.dir, &data)?;
             checkpoint::prune(&c.dir, c.keep_last, c.keep_best)?;
             Ok(d)
         };
-        if self.opts.checkpoints.as_ref().is_some_and(|c| c.background) {
-            self.pending_step = self.state.step;
-            self.pending = Some(std::thread::spawn(write));
+        if background {
+            self.pending_step = step;
+            self.pending = Some(self.start_snapshot_copy(t0, cursor, Some(Box::new(write)))?);
         } else {
-            write()?;
+            let snap = self.capture()?;
+            let (optimizer, stream) = self.optimizer_mut()?.checkpoint_state(&snap.optimizer)?;
+            let parts = (snap.weights.clone(), optimizer, stream);
+            self.set_snapshot(snap);
+            write(parts)?;
         }
         for cb in &mut self.callbacks {
-            cb.on_checkpoint(self.state.step, &dir);
+            cb.on_checkpoint(step, &dir);
         }
         self.last_checkpoint = Some(dir.clone());
+        self.note_start_secs(t0);
         Ok(Some(dir))
+    }
+}
+
+impl<M: TrainModel> Drop for Trainer<M> {
+    /// Waits for a snapshot copy in flight (a few milliseconds), so nothing outlives the
+    /// trainer reading its parameters. A checkpoint write in flight goes on detached (it
+    /// is atomic: a process that exits first leaves no partial checkpoint).
+    fn drop(&mut self) {
+        if let Err(e) = self.settle_snapshot() {
+            tracing::warn!(error = %e, "snapshot copy failed while the trainer was dropped");
+        }
     }
 }
 

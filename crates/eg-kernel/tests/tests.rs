@@ -15,6 +15,7 @@ mod tests {
     mod memory_guard;
     mod offload;
     mod optim;
+    mod overlap;
     mod precision;
     mod real_classification;
     mod resume;

@@ -333,3 +333,56 @@ fn dpo_resume_is_bitwise_identical() {
         assert!(weights(b.model()) == want_w, "weights differ for k = {k}");
     }
 }
+
+/// Collected evaluations.
+struct Evals(Arc<std::sync::Mutex<Vec<eg_kernel::EvalMetrics>>>);
+
+impl eg_kernel::Callback for Evals {
+    fn on_eval(&mut self, e: &eg_kernel::EvalMetrics) {
+        self.0.lock().unwrap().push(e.clone());
+    }
+}
+
+/// Held-out evaluation for DPO: a fresh pair loader over held-out pairs at every eval;
+/// the eval loss is the mean pair loss and the reward accuracy is reported with it.
+#[test]
+fn dpo_periodic_eval_on_held_out_pairs() {
+    let all = pairs(40);
+    let mut held = PairDataset::new();
+    for id in 32..40 {
+        held.push(all.get(id).unwrap().clone());
+    }
+    let held = Arc::new(held);
+    let mut o = options(16, 4);
+    o.schedule = eg_kernel::Schedule::constant(5e-3);
+    o.eval_every = 4;
+    o.eval_max_batches = 100;
+    let source = move || -> eg_kernel::Result<Box<dyn eg_data::BatchSource>> {
+        let opts = PairLoaderOptions {
+            shuffle: false,
+            epochs: Some(1),
+            ..pair_opts(3)
+        };
+        Ok(Box::new(PairLoader::new(
+            held.clone(),
+            opts,
+            Placement::SINGLE,
+        )?))
+    };
+    let mut t = dpo_trainer(model(), 16, 4, Some(o)).with_eval_batches(Box::new(source));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    t.add_callback(Box::new(Evals(seen.clone())));
+    let first = t.evaluate().unwrap();
+    // Before training the policy is the reference: every pair's loss is ln 2.
+    assert!((first.loss - 2f64.ln()).abs() < 1e-6, "{first:?}");
+    assert_eq!(first.tokens, 8, "the held-out pairs (3 + 3 + 2)");
+    t.fit().unwrap();
+    let e = seen.lock().unwrap();
+    let steps: Vec<u64> = e.iter().map(|e| e.step).collect();
+    assert_eq!(steps, [0, 4, 8, 12, 16]);
+    let last = e.last().unwrap();
+    assert!(last.loss < first.loss, "{} -> {}", first.loss, last.loss);
+    let acc = last.extra["reward_accuracy"];
+    assert!((0.0..=1.0).contains(&acc) && acc > 0.5, "accuracy {acc}");
+    assert!(e.iter().all(|e| e.extra.contains_key("reward_margin")));
+}

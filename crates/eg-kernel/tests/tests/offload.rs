@@ -251,7 +251,7 @@ fn trainer_switches_to_disk_between_steps_bitwise() {
     // What the memory controller does under pressure: state RAM -> disk between steps.
     b.set_optimizer_store(small_disk(off.path())).unwrap();
     assert!(matches!(
-        b.optimizer().state_location(),
+        b.optimizer().unwrap().state_location(),
         StateLocation::Disk(_)
     ));
     flag.store(false, std::sync::atomic::Ordering::SeqCst);
