@@ -180,7 +180,6 @@ fn train(a: &Args) -> Result<()> {
         eps: 1e-8,
     };
     let mut opt = Optimizer::new(kind, 0.1, &shapes)?;
-    let mut grads: Vec<Vec<f32>> = vars.iter().map(|v| vec![0.0; v.elem_count()]).collect();
 
     let mut rng = Rng(7);
     let batches: Vec<Vec<u32>> = (0..4)

@@ -5,21 +5,27 @@
 //!
 //! candle's `backward()` sums every gradient into a zero-filled buffer (`zeros_like`, then
 //! `add`) for every input of every node, keeps one tensor per node alive until the whole
-//! backward is done, and runs its element-wise adds on a second thread pool that competes
-//! with gemm's on a small machine. Profiled at 6.3M/110M parameters on two cores, that
-//! machinery (zero fills, adds, page faults of the fresh buffers, the pools' spinning and
-//! context switches) was 15–25% of a step. [`Llama::fused_step`] computes exactly the same
-//! function with the same kernels, but its backward is written out by hand: one matmul per
-//! gradient, the element-wise backward kernels of [`crate::ops`] (parallel over rows),
-//! residual gradients added in place, the cross entropy's gradient written over the logits,
-//! and each layer's saved activations dropped as soon as its backward is done.
+//! backward is done, zero-fills every matmul output, and runs its element-wise adds on a
+//! second thread pool that competes with gemm's on a small machine. Profiled at 6.3M/110M
+//! parameters on two cores, that machinery was 15–25% of a step. [`Llama::fused_step`]
+//! computes the same function with the same kernels, but its backward is written out by
+//! hand: one `gemm` call per gradient (through [`crate::gemm`]: outputs not zero-filled,
+//! sums such as `dq·Wq + dk·Wk + dv·Wv` and the residual adds accumulated by the products
+//! themselves), the element-wise backward kernels of [`crate::ops`] (parallel over rows), the
+//! cross entropy's gradient written over the logits (one exponential per logit), causal
+//! attention computed on the blocks below the diagonal only (in 32- or 64-row blocks, each
+//! key/value group on its own thread), and each layer's saved activations dropped as soon as
+//! its backward is done.
 //!
 //! ## Exactness
 //!
-//! The forward pass runs the same kernels in the same order as [`Llama::forward`] followed
-//! by [`crate::ops::cross_entropy`], so the loss is bitwise the same. Gradients agree with
-//! candle's autograd within float rounding (sums are formed in another order); they are
-//! checked against autograd and against f64 central finite differences for every parameter.
+//! Same kernels as [`Llama::forward`] + [`crate::ops::cross_entropy`], but the products are
+//! blocked differently (masked attention blocks skipped, residual adds folded into the
+//! products), so the loss agrees within float rounding (bitwise on the tested shapes), and
+//! the gradients agree with candle's autograd within rounding (sums formed in another
+//! order). Both are checked against autograd and against f64 central finite differences
+//! for every parameter. With activation checkpointing the gradients are bitwise those of
+//! the run without it.
 //!
 //! ## Scope
 //!
@@ -30,12 +36,11 @@
 //! [`Llama::fused_step_unavailable`] says which of these blocks it; callers fall back to the
 //! autograd path, which covers all of them.
 
-use std::cell::RefCell;
-
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor, WithDType};
+use candle_core::{DType, Device, Layout, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 
+use crate::gemm::{self, Mat};
 use crate::llama::{Layer, Llama};
 use crate::lora::Proj;
 use crate::ops::{self, Real, RopeLayout};
@@ -65,208 +70,350 @@ fn plain_weight(p: &Proj) -> Option<&Tensor> {
     }
 }
 
-fn internal(what: String) -> Error {
+fn internal(what: &str) -> Error {
     Error::Candle(candle_core::Error::Msg(format!("fused step: {what}")))
 }
 
-/// Runs `f` on the contiguous CPU data of `t`.
-fn read<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        return Err(internal("tensor not on the CPU".into()));
+/// The contiguous elements of a tensor's storage.
+fn slice_of<'a, T: WithDType>(storage: &'a Storage, layout: &Layout) -> Result<&'a [T]> {
+    let Storage::Cpu(cpu) = storage else {
+        return Err(internal("tensor not on the CPU"));
     };
     let data = cpu.as_slice::<T>()?;
     let (a, b) = layout
         .contiguous_offsets()
-        .ok_or_else(|| internal("tensor not contiguous".into()))?;
-    Ok(f(&data[a..b]))
-}
-
-/// A closure run once on a tensor's elements.
-type Edit<'a, T> = Box<dyn FnOnce(&mut [T]) + 'a>;
-
-/// In-place access to a tensor's own storage (through candle's [`InplaceOp1`]).
-struct InPlace<'a, T> {
-    f: RefCell<Option<Edit<'a, T>>>,
-}
-
-impl<T: Real> InplaceOp1 for InPlace<'_, T> {
-    fn name(&self) -> &'static str {
-        "eg-fused-in-place"
-    }
-
-    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
-        let (a, b) = layout
-            .contiguous_offsets()
-            .ok_or(candle_core::Error::RequiresContiguous { op: self.name() })?;
-        let dtype = candle_core::backend::BackendStorage::dtype(storage);
-        let data = T::storage_mut(storage).ok_or(candle_core::Error::UnsupportedDTypeForOp(
-            dtype,
-            self.name(),
-        ))?;
-        if let Some(f) = self.f.borrow_mut().take() {
-            f(&mut data[a..b]);
-        }
-        Ok(())
-    }
-}
-
-/// Runs `f` on the storage of `t` (a contiguous tensor this module created and owns alone).
-fn write<'a, T: Real>(t: &Tensor, f: impl FnOnce(&mut [T]) + 'a) -> Result<()> {
-    if !t.is_contiguous() {
-        return Err(internal("in-place target not contiguous".into()));
-    }
-    let op = InPlace::<T> {
-        f: RefCell::new(Some(Box::new(f))),
-    };
-    t.inplace_op1(&op)?;
-    Ok(())
-}
-
-/// `a += b` element-wise, in place in `a` (distinct tensors of the same shape).
-fn add_assign<T: Real>(a: &Tensor, b: &Tensor) -> Result<()> {
-    if a.dims() != b.dims() {
-        return Err(Error::ShapeMismatch {
-            tensor: "fused step gradient sum".to_string(),
-            expected: a.dims().to_vec(),
-            found: b.dims().to_vec(),
-        });
-    }
-    read::<T, _>(b, |b| {
-        write::<T>(a, |a| {
-            a.par_chunks_mut(1 << 14)
-                .zip(b.par_chunks(1 << 14))
-                .for_each(|(a, b)| {
-                    for (a, &b) in a.iter_mut().zip(b) {
-                        *a += b;
-                    }
-                });
-        })
-    })?
+        .ok_or_else(|| internal("parameter not contiguous"))?;
+    Ok(&data[a..b])
 }
 
 fn from_vec<T: WithDType, S: Into<candle_core::Shape>>(v: Vec<T>, shape: S) -> Result<Tensor> {
     Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
 }
 
-/// `rms_norm` backward: `(dx + residual, dw)`, with the residual gradient added in place.
+/// `a += b` element-wise.
+fn add_into<T: Real>(a: &mut [T], b: &[T]) {
+    a.par_chunks_mut(1 << 14)
+        .zip(b.par_chunks(1 << 14))
+        .for_each(|(a, b)| {
+            for (a, &b) in a.iter_mut().zip(b) {
+                *a += b;
+            }
+        });
+}
+
+/// `rms_norm` backward: `(dx + residual, dw)`.
 fn rms_backward<T: Real>(
-    x: &Tensor,
-    w: &Tensor,
-    g: &Tensor,
-    residual: Option<&Tensor>,
+    x: &[T],
+    w: &[T],
+    g: &[T],
+    residual: Option<&[T]>,
     eps: f64,
-) -> Result<(Tensor, Tensor)> {
-    let d = x.dim(candle_core::D::Minus1)?;
-    let mut out = read::<T, _>(x, |x| {
-        read::<T, _>(w, |w| read::<T, _>(g, |g| ops::rms_bwd(x, w, g, d, eps)))
-    })???;
-    let n = x.elem_count();
-    let dw = out.split_off(n);
+) -> (Vec<T>, Vec<T>) {
+    let d = w.len();
+    let mut dx = ops::rms_bwd(x, w, g, d, eps);
+    let dw = dx.split_off(x.len());
     if let Some(r) = residual {
-        read::<T, _>(r, |r| {
-            out.par_chunks_mut(1 << 14)
-                .zip(r.par_chunks(1 << 14))
-                .for_each(|(o, r)| {
-                    for (o, &r) in o.iter_mut().zip(r) {
-                        *o += r;
-                    }
-                });
-        })?;
+        add_into(&mut dx, r);
     }
-    Ok((from_vec(out, x.shape())?, from_vec(dw, d)?))
+    (dx, dw)
 }
 
-/// A linear layer's backward for `y = x @ wᵀ`: `(dx, dw)` with `x` `[n, in]`, `dy` `[n, out]`.
-fn linear_backward(x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
-    let (out, inn) = w.dims2()?;
-    let n = x.elem_count() / inn.max(1);
-    let dy = dy.reshape((n, out))?;
-    let dx = dy.matmul(w)?;
-    let dw = dy.t()?.matmul(&x.reshape((n, inn))?)?;
-    Ok((dx, dw))
+/// The weights of a decoder layer, as slices of the parameters' storage.
+struct LayerW<'a, T> {
+    input_norm: &'a [T],
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    o: &'a [T],
+    post_norm: &'a [T],
+    gate: &'a [T],
+    up: &'a [T],
+    down: &'a [T],
 }
 
-/// What a decoder layer's backward needs from its forward.
-struct Saved {
-    /// Layer input `[b, t, h]`.
-    x: Tensor,
-    hs1: Tensor,
-    /// Rotated queries `[b, nkv, rep * t, hd]`.
-    q: Tensor,
-    /// Rotated keys `[b, nkv, t, hd]`.
-    k: Tensor,
-    v: Tensor,
-    /// Attention probabilities `[b, nkv, rep * t, t]`.
-    probs: Tensor,
-    /// Attention output, heads merged, `[b, t, nh * hd]`.
-    attn: Tensor,
-    x1: Tensor,
-    hs2: Tensor,
-    gate: Tensor,
-    up: Tensor,
-    act: Tensor,
-}
-
-/// A layer's saved activations, or only its input (activation checkpointing).
-enum Kept {
-    All(Box<Saved>),
-    Input(Tensor),
+/// A layer's parameter tensors, in the order of [`LayerW`].
+fn layer_tensors(l: &Layer) -> Option<[&Tensor; 9]> {
+    Some([
+        &l.input_norm,
+        plain_weight(&l.q)?,
+        plain_weight(&l.k)?,
+        plain_weight(&l.v)?,
+        plain_weight(&l.o)?,
+        &l.post_norm,
+        plain_weight(&l.gate)?,
+        plain_weight(&l.up)?,
+        plain_weight(&l.down)?,
+    ])
 }
 
 /// Sizes and constants of one step.
+#[derive(Clone, Copy)]
 struct Shapes {
     b: usize,
     t: usize,
+    h: usize,
+    inter: usize,
     nh: usize,
     nkv: usize,
     hd: usize,
     eps: f64,
     scale: f64,
-    window: Option<usize>,
 }
 
-/// A decoder layer's forward pass (the kernels and order of `Llama::layer_forward`): what its
-/// backward needs, and its output.
-fn layer_forward(
-    w: &Weights,
-    x: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
+impl Shapes {
+    fn n(&self) -> usize {
+        self.b * self.t
+    }
+    fn rep(&self) -> usize {
+        self.nh / self.nkv
+    }
+    /// Query rows per key/value group: the `rep` heads sharing it, stacked.
+    fn rows(&self) -> usize {
+        self.rep() * self.t
+    }
+    /// Causal row blocks: block `[i0, i1)` of queries sees keys `0..i1` only.
+    fn blocks(&self) -> Vec<(usize, usize)> {
+        let bs = if self.t >= 512 { 64 } else { 32 };
+        (0..self.t.div_ceil(bs))
+            .map(|i| (i * bs, ((i + 1) * bs).min(self.t)))
+            .collect()
+    }
+}
+
+/// What a decoder layer's backward needs from its forward.
+struct Saved<T> {
+    /// Layer input `[n, h]`.
+    x: Vec<T>,
+    hs1: Vec<T>,
+    /// Rotated queries `[b, nkv, rep · t, hd]`.
+    q: Vec<T>,
+    /// Rotated keys `[b, nkv, t, hd]`.
+    k: Vec<T>,
+    v: Vec<T>,
+    /// Attention probabilities `[b, nkv, rep · t, t]` (zero where masked).
+    probs: Vec<T>,
+    /// Attention output, heads merged, `[n, nh · hd]`.
+    attn: Vec<T>,
+    x1: Vec<T>,
+    hs2: Vec<T>,
+    gate: Vec<T>,
+    up: Vec<T>,
+    act: Vec<T>,
+}
+
+/// A layer's saved activations, or only its input (activation checkpointing).
+enum Kept<T> {
+    All(Box<Saved<T>>),
+    Input(Vec<T>),
+}
+
+/// `x · wᵀ` for `x` `[n, in]` and a weight `w` `[out, in]`.
+fn linear<T: Real>(x: &[T], w: &[T], n: usize, inn: usize, out: usize) -> Result<Vec<T>> {
+    gemm::matmul(Mat::rows(x, n, inn)?, Mat::rows(w, out, inn)?.t(), true)
+}
+
+/// `y + x · wᵀ` (the residual add done by the product).
+fn linear_add<T: Real>(
+    y: &[T],
+    x: &[T],
+    w: &[T],
+    n: usize,
+    inn: usize,
+    out: usize,
+) -> Result<Vec<T>> {
+    let mut r = y.to_vec();
+    gemm::matmul_into(
+        &mut r,
+        0,
+        out,
+        Mat::rows(x, n, inn)?,
+        Mat::rows(w, out, inn)?.t(),
+        true,
+        true,
+    )?;
+    Ok(r)
+}
+
+/// Causal attention of one key/value group: `scores = q kᵀ` on the allowed blocks only,
+/// the masked softmax, `ctx = p v` (the same blocks). `q` `[rows, hd]`, `k`/`v` `[t, hd]`.
+fn attention_group<T: Real>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    probs: &mut [T],
+    ctx: &mut [T],
     s: &Shapes,
-) -> Result<(Saved, Tensor)> {
-    let Shapes {
-        b,
-        t,
-        nh,
-        nkv,
-        hd,
-        eps,
-        scale,
-        window,
-    } = *s;
-    let rep = nh / nkv;
-    let hs1 = ops::rms_norm(x, &w.input_norm, eps)?;
-    let q = ops::split_heads(&ops::linear(&hs1, &w.q)?, nh)?;
-    let k = ops::split_heads(&ops::linear(&hs1, &w.k)?, nkv)?;
-    let v = ops::split_heads(&ops::linear(&hs1, &w.v)?, nkv)?;
-    let q = ops::rope(&q, cos, sin, RopeLayout::HalfSplit)?;
-    let k = ops::rope(&k, cos, sin, RopeLayout::HalfSplit)?;
-    let q = q.reshape((b, nkv, rep * t, hd))?;
-    let scores = q.matmul(&k.t()?)?;
-    let probs = ops::causal_softmax(&scores, scale, t, window)?;
-    drop(scores);
-    let ctx = probs.matmul(&v)?.reshape((b, nh, t, hd))?;
-    let attn = ops::merge_heads(&ctx)?;
-    let x1 = (x + ops::linear(&attn, &w.o)?)?;
-    let hs2 = ops::rms_norm(&x1, &w.post_norm, eps)?;
-    let gate = ops::linear(&hs2, &w.gate)?;
-    let up = ops::linear(&hs2, &w.up)?;
-    let act = ops::swiglu(&gate, &up)?;
-    let x2 = (&x1 + ops::linear(&act, &w.down)?)?;
+) -> Result<()> {
+    let (t, hd) = (s.t, s.hd);
+    let mut scores = vec![T::ZERO; s.rows() * t];
+    for r in 0..s.rep() {
+        for &(i0, i1) in &s.blocks() {
+            let row = r * t + i0;
+            gemm::matmul_into(
+                &mut scores,
+                row * t,
+                t,
+                Mat::block(q, row * hd, i1 - i0, hd, hd)?,
+                Mat::block(k, 0, i1, hd, hd)?.t(),
+                false,
+                false,
+            )?;
+        }
+    }
+    let causal = ops::Causal {
+        q_len: t,
+        window: None,
+    };
+    let p = ops::softmax_fwd(&scores, t, s.scale, Some(causal));
+    probs.copy_from_slice(&p);
+    for r in 0..s.rep() {
+        for &(i0, i1) in &s.blocks() {
+            let row = r * t + i0;
+            gemm::matmul_into(
+                ctx,
+                row * hd,
+                hd,
+                Mat::block(probs, row * t, i1 - i0, i1, t)?,
+                Mat::block(v, 0, i1, hd, hd)?,
+                false,
+                false,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// The backward of [`attention_group`]: `(dq, dk, dv)` for one group from `dctx`
+/// (`[rows, hd]`), written into the given buffers (`dq` `[rows, hd]`, `dk`/`dv` `[t, hd]`).
+#[allow(clippy::too_many_arguments)]
+fn attention_group_backward<T: Real>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    probs: &[T],
+    dctx: &[T],
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+    s: &Shapes,
+) -> Result<()> {
+    let (t, hd) = (s.t, s.hd);
+    let blocks = s.blocks();
+    // dprobs = dctx vᵀ on the allowed blocks (zero elsewhere: the softmax backward reads the
+    // whole row).
+    let mut dprobs = vec![T::ZERO; s.rows() * t];
+    for r in 0..s.rep() {
+        for &(i0, i1) in &blocks {
+            let row = r * t + i0;
+            gemm::matmul_into(
+                &mut dprobs,
+                row * t,
+                t,
+                Mat::block(dctx, row * hd, i1 - i0, hd, hd)?,
+                Mat::block(v, 0, i1, hd, hd)?.t(),
+                false,
+                false,
+            )?;
+        }
+    }
+    // dv[j] = Σ_{i ≥ j} p[i, j] dctx[i], by key blocks, summed over the stacked heads.
+    for &(j0, j1) in &blocks {
+        for r in 0..s.rep() {
+            let row = r * t + j0;
+            gemm::matmul_into(
+                dv,
+                j0 * hd,
+                hd,
+                Mat::block(probs, row * t + j0, t - j0, j1 - j0, t)?.t(),
+                Mat::block(dctx, row * hd, t - j0, hd, hd)?,
+                r > 0,
+                false,
+            )?;
+        }
+    }
+    let dscores = ops::softmax_bwd(probs, &dprobs, t, s.scale);
+    drop(dprobs);
+    for r in 0..s.rep() {
+        for &(i0, i1) in &blocks {
+            let row = r * t + i0;
+            gemm::matmul_into(
+                dq,
+                row * hd,
+                hd,
+                Mat::block(&dscores, row * t, i1 - i0, i1, t)?,
+                Mat::block(k, 0, i1, hd, hd)?,
+                false,
+                false,
+            )?;
+        }
+    }
+    for &(j0, j1) in &blocks {
+        for r in 0..s.rep() {
+            let row = r * t + j0;
+            gemm::matmul_into(
+                dk,
+                j0 * hd,
+                hd,
+                Mat::block(&dscores, row * t + j0, t - j0, j1 - j0, t)?.t(),
+                Mat::block(q, row * hd, t - j0, hd, hd)?,
+                r > 0,
+                false,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Splits `[b, t, n · hd]` into heads `[b, n, t, hd]` and applies RoPE (or its inverse).
+fn heads_rope<T: Real>(x: &[T], n: usize, cos: &[T], sin: &[T], s: &Shapes) -> Vec<T> {
+    let h = ops::permute_heads(x, (s.b, s.t, n, s.hd), true);
+    ops::rope_kernel(&h, cos, sin, s.t, s.hd, None, RopeLayout::HalfSplit, false)
+}
+
+/// A decoder layer's forward pass: what its backward needs, and its output.
+fn layer_forward<T: Real>(
+    w: &LayerW<'_, T>,
+    x: Vec<T>,
+    cos: &[T],
+    sin: &[T],
+    s: &Shapes,
+) -> Result<(Saved<T>, Vec<T>)> {
+    let (n, h, inter, nh, nkv, hd) = (s.n(), s.h, s.inter, s.nh, s.nkv, s.hd);
+    let hs1 = ops::rms_fwd(&x, w.input_norm, h, s.eps);
+    let q = heads_rope(&linear(&hs1, w.q, n, h, nh * hd)?, nh, cos, sin, s);
+    let k = heads_rope(&linear(&hs1, w.k, n, h, nkv * hd)?, nkv, cos, sin, s);
+    let v = ops::permute_heads(
+        &linear(&hs1, w.v, n, h, nkv * hd)?,
+        (s.b, s.t, nkv, hd),
+        true,
+    );
+    let (rows, t) = (s.rows(), s.t);
+    let mut probs = vec![T::ZERO; s.b * nkv * rows * t];
+    let mut ctx = vec![T::ZERO; n * nh * hd];
+    probs
+        .par_chunks_mut(rows * t)
+        .zip(ctx.par_chunks_mut(rows * hd))
+        .enumerate()
+        .try_for_each(|(g, (p, c))| {
+            attention_group(
+                &q[g * rows * hd..(g + 1) * rows * hd],
+                &k[g * t * hd..(g + 1) * t * hd],
+                &v[g * t * hd..(g + 1) * t * hd],
+                p,
+                c,
+                s,
+            )
+        })?;
+    let attn = ops::permute_heads(&ctx, (s.b, t, nh, hd), false);
+    drop(ctx);
+    let x1 = linear_add(&x, &attn, w.o, n, nh * hd, h)?;
+    let hs2 = ops::rms_fwd(&x1, w.post_norm, h, s.eps);
+    let gate = linear(&hs2, w.gate, n, h, inter)?;
+    let up = linear(&hs2, w.up, n, h, inter)?;
+    let act = ops::swiglu_fwd(&gate, &up);
+    let x2 = linear_add(&x1, &act, w.down, n, inter, h)?;
     let saved = Saved {
-        x: x.clone(),
+        x,
         hs1,
         q,
         k,
@@ -282,33 +429,133 @@ fn layer_forward(
     Ok((saved, x2))
 }
 
-/// The detached weights of a decoder layer.
-struct Weights {
-    input_norm: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    o: Tensor,
-    post_norm: Tensor,
-    gate: Tensor,
-    up: Tensor,
-    down: Tensor,
-}
+/// Gradients of a decoder layer's parameters, in the order of [`LayerW`].
+type LayerGrads<T> = [Vec<T>; 9];
 
-impl Weights {
-    fn of(l: &Layer) -> Option<Self> {
-        Some(Weights {
-            input_norm: l.input_norm.detach(),
-            q: plain_weight(&l.q)?.detach(),
-            k: plain_weight(&l.k)?.detach(),
-            v: plain_weight(&l.v)?.detach(),
-            o: plain_weight(&l.o)?.detach(),
-            post_norm: l.post_norm.detach(),
-            gate: plain_weight(&l.gate)?.detach(),
-            up: plain_weight(&l.up)?.detach(),
-            down: plain_weight(&l.down)?.detach(),
-        })
+/// A decoder layer's backward: the gradient of its input and of its parameters, from the
+/// gradient `dy` of its output.
+fn layer_backward<T: Real>(
+    w: &LayerW<'_, T>,
+    sv: &Saved<T>,
+    dy: &[T],
+    cos: &[T],
+    sin: &[T],
+    s: &Shapes,
+) -> Result<(Vec<T>, LayerGrads<T>)> {
+    let (n, h, inter, nh, nkv, hd, t) = (s.n(), s.h, s.inter, s.nh, s.nkv, s.hd, s.t);
+    let rows = s.rows();
+    // MLP: x2 = x1 + down(swiglu(gate(hs2), up(hs2))), hs2 = rms(x1).
+    let d_act = gemm::matmul(Mat::rows(dy, n, h)?, Mat::rows(w.down, h, inter)?, true)?;
+    let d_down = gemm::matmul(
+        Mat::rows(dy, n, h)?.t(),
+        Mat::rows(&sv.act, n, inter)?,
+        true,
+    )?;
+    let mut d_gate = ops::swiglu_bwd(&sv.gate, &sv.up, &d_act);
+    drop(d_act);
+    let d_up = d_gate.split_off(n * inter);
+    let mut dhs2 = gemm::matmul(
+        Mat::rows(&d_gate, n, inter)?,
+        Mat::rows(w.gate, inter, h)?,
+        true,
+    )?;
+    gemm::matmul_into(
+        &mut dhs2,
+        0,
+        h,
+        Mat::rows(&d_up, n, inter)?,
+        Mat::rows(w.up, inter, h)?,
+        true,
+        true,
+    )?;
+    let d_gate_w = gemm::matmul(
+        Mat::rows(&d_gate, n, inter)?.t(),
+        Mat::rows(&sv.hs2, n, h)?,
+        true,
+    )?;
+    let d_up_w = gemm::matmul(
+        Mat::rows(&d_up, n, inter)?.t(),
+        Mat::rows(&sv.hs2, n, h)?,
+        true,
+    )?;
+    drop((d_gate, d_up));
+    let (dx1, d_post) = rms_backward(&sv.x1, w.post_norm, &dhs2, Some(dy), s.eps);
+    drop(dhs2);
+    // Attention: x1 = x + o(attn).
+    let d_attn = gemm::matmul(Mat::rows(&dx1, n, h)?, Mat::rows(w.o, h, nh * hd)?, true)?;
+    let d_o = gemm::matmul(
+        Mat::rows(&dx1, n, h)?.t(),
+        Mat::rows(&sv.attn, n, nh * hd)?,
+        true,
+    )?;
+    let dctx = ops::permute_heads(&d_attn, (s.b, t, nh, hd), true);
+    drop(d_attn);
+    let mut dq = vec![T::ZERO; n * nh * hd];
+    let mut dk = vec![T::ZERO; n * nkv * hd];
+    let mut dv = vec![T::ZERO; n * nkv * hd];
+    dq.par_chunks_mut(rows * hd)
+        .zip(dk.par_chunks_mut(t * hd).zip(dv.par_chunks_mut(t * hd)))
+        .enumerate()
+        .try_for_each(|(g, (dq, (dk, dv)))| {
+            let qs = g * rows * hd..(g + 1) * rows * hd;
+            let ks = g * t * hd..(g + 1) * t * hd;
+            attention_group_backward(
+                &sv.q[qs.clone()],
+                &sv.k[ks.clone()],
+                &sv.v[ks],
+                &sv.probs[g * rows * t..(g + 1) * rows * t],
+                &dctx[qs],
+                dq,
+                dk,
+                dv,
+                s,
+            )
+        })?;
+    drop(dctx);
+    let unrope = |d: &[T], nheads: usize| {
+        let r = ops::rope_kernel(d, cos, sin, t, hd, None, RopeLayout::HalfSplit, true);
+        ops::permute_heads(&r, (s.b, t, nheads, hd), false)
+    };
+    let dq = unrope(&dq, nh);
+    let dk = unrope(&dk, nkv);
+    let dv = ops::permute_heads(&dv, (s.b, t, nkv, hd), false);
+    let mut dhs1 = gemm::matmul(
+        Mat::rows(&dq, n, nh * hd)?,
+        Mat::rows(w.q, nh * hd, h)?,
+        true,
+    )?;
+    for (d, wt) in [(&dk, w.k), (&dv, w.v)] {
+        gemm::matmul_into(
+            &mut dhs1,
+            0,
+            h,
+            Mat::rows(d, n, nkv * hd)?,
+            Mat::rows(wt, nkv * hd, h)?,
+            true,
+            true,
+        )?;
     }
+    let d_q = gemm::matmul(
+        Mat::rows(&dq, n, nh * hd)?.t(),
+        Mat::rows(&sv.hs1, n, h)?,
+        true,
+    )?;
+    let d_k = gemm::matmul(
+        Mat::rows(&dk, n, nkv * hd)?.t(),
+        Mat::rows(&sv.hs1, n, h)?,
+        true,
+    )?;
+    let d_v = gemm::matmul(
+        Mat::rows(&dv, n, nkv * hd)?.t(),
+        Mat::rows(&sv.hs1, n, h)?,
+        true,
+    )?;
+    drop((dq, dk, dv));
+    let (dx, d_in) = rms_backward(&sv.x, w.input_norm, &dhs1, Some(&dx1), s.eps);
+    Ok((
+        dx,
+        [d_in, d_q, d_k, d_v, d_o, d_post, d_gate_w, d_up_w, d_down],
+    ))
 }
 
 impl Llama {
@@ -333,7 +580,7 @@ impl Llama {
             return Some("chunked attention");
         }
         if plain_weight(&self.lm_head).is_none()
-            || self.layers.iter().any(|l| Weights::of(l).is_none())
+            || self.layers.iter().any(|l| layer_tensors(l).is_none())
         {
             return Some("projection biases");
         }
@@ -394,190 +641,123 @@ impl Llama {
                 vocab,
             });
         }
-        let (h, nh, nkv, hd) = (
-            cfg.hidden_size,
-            cfg.num_attention_heads,
-            cfg.num_kv_heads(),
-            cfg.head_dim(),
-        );
-        let rep = nh / nkv;
-        let eps = cfg.rms_norm_eps;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let window = cfg.attention_window();
-        let weights: Vec<Weights> = self.layers.iter().filter_map(Weights::of).collect();
-        let lm_w = plain_weight(&self.lm_head)
-            .ok_or_else(|| internal("lm_head has a bias".into()))?
-            .detach();
-        let embed = self.embed.detach();
-        let norm = self.norm.detach();
-        let cos = self.cos.narrow(0, 0, t)?.contiguous()?;
-        let sin = self.sin.narrow(0, 0, t)?.contiguous()?;
-
-        // ---- forward (the kernels and order of `Llama::forward`) ----
-        let started = std::time::Instant::now();
-        let flat = crate::params::checked_ids(ids, vocab)?;
-        let mut x = embed.index_select(&flat, 0)?.reshape((b, t, h))?;
-        let shape = Shapes {
+        let s = Shapes {
             b,
             t,
-            nh,
-            nkv,
-            hd,
-            eps,
-            scale,
-            window,
+            h: cfg.hidden_size,
+            inter: cfg.intermediate_size,
+            nh: cfg.num_attention_heads,
+            nkv: cfg.num_kv_heads(),
+            hd: cfg.head_dim(),
+            eps: cfg.rms_norm_eps,
+            scale: 1.0 / (cfg.head_dim() as f64).sqrt(),
         };
+        let (n, h) = (s.n(), s.h);
+        let lm_param = plain_weight(&self.lm_head).ok_or_else(|| internal("lm_head has a bias"))?;
+        let mut tensors: Vec<&Tensor> = vec![&self.embed, &self.norm, lm_param];
+        for l in &self.layers {
+            tensors.extend(layer_tensors(l).ok_or_else(|| internal("a projection has a bias"))?);
+        }
+        // Read access to every parameter for the whole step (nothing writes them meanwhile).
+        let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+        let p: Vec<&[T]> = guards
+            .iter()
+            .map(|(g, l)| slice_of::<T>(g, l))
+            .collect::<Result<_>>()?;
+        let (embed, norm, lm) = (p[0], p[1], p[2]);
+        let layers: Vec<LayerW<'_, T>> = p[3..]
+            .chunks_exact(9)
+            .map(|c| LayerW {
+                input_norm: c[0],
+                q: c[1],
+                k: c[2],
+                v: c[3],
+                o: c[4],
+                post_norm: c[5],
+                gate: c[6],
+                up: c[7],
+                down: c[8],
+            })
+            .collect();
+        let cos: Vec<T> = self.cos.narrow(0, 0, t)?.flatten_all()?.to_vec1()?;
+        let sin: Vec<T> = self.sin.narrow(0, 0, t)?.flatten_all()?.to_vec1()?;
+        let ids: Vec<u32> = crate::params::checked_ids(ids, vocab)?.to_vec1()?;
+
+        // ---- forward ----
+        let started = std::time::Instant::now();
+        let mut x: Vec<T> = Vec::with_capacity(n * h);
+        for &id in &ids {
+            let at = id as usize * h;
+            x.extend_from_slice(&embed[at..at + h]);
+        }
         // With activation checkpointing only each layer's input is kept; the backward
-        // recomputes the rest with the same kernels (so the gradients are bitwise those of
-        // the run without it).
+        // recomputes the rest with the same kernels (bitwise the same gradients).
         let checkpointing = self.checkpointing.get();
-        let mut saved: Vec<Kept> = Vec::with_capacity(weights.len());
-        for w in &weights {
-            let (s, x2) = layer_forward(w, &x, &cos, &sin, &shape)?;
-            saved.push(if checkpointing {
-                Kept::Input(s.x)
+        let mut kept: Vec<Kept<T>> = Vec::with_capacity(layers.len());
+        for w in &layers {
+            let (sv, x2) = layer_forward(w, x, &cos, &sin, &s)?;
+            kept.push(if checkpointing {
+                Kept::Input(sv.x)
             } else {
-                Kept::All(Box::new(s))
+                Kept::All(Box::new(sv))
             });
             x = x2;
         }
-        let xf = ops::rms_norm(&x, &norm, eps)?;
-        let logits = ops::linear(&xf, &lm_w)?.reshape((b * t, vocab))?;
-
-        // ---- cross entropy, its gradient written over the logits ----
+        let xf = ops::rms_fwd(&x, norm, h, s.eps);
+        let mut logits = linear(&xf, lm, n, h, vocab)?;
+        // The cross entropy; its gradient is written over the logits.
         let count = targets.iter().filter(|x| x.is_some()).count().max(1);
+        let sum = cross_entropy_in_place::<T>(&mut logits, targets, vocab, weight, count);
         // As `cross_entropy(..) * weight`: the mean in f64 rounded to T, times weight in T.
-        let sum = cross_entropy_in_place::<T>(&logits, targets, vocab, weight, count)?;
         let loss = (T::from_f64(sum / count as f64) * T::from_f64(weight)).to_f64();
-        let dlogits = logits;
         let forward_seconds = started.elapsed().as_secs_f64();
 
         // ---- backward ----
         let mut grads = GradStore::default();
-        let (dxf, dlm) = linear_backward(&xf, &lm_w, &dlogits)?;
-        drop(dlogits);
-        drop(xf);
-        let (mut dx, dnorm) = rms_backward::<T>(&x, &norm, &dxf.reshape((b, t, h))?, None, eps)?;
-        drop(x);
-        grads.insert(&self.norm, dnorm);
-        for (w, (s, layer)) in weights
-            .iter()
-            .zip(saved.into_iter().zip(&self.layers))
-            .rev()
-        {
-            let s = match s {
-                Kept::All(s) => *s,
-                Kept::Input(x) => layer_forward(w, &x, &cos, &sin, &shape)?.0,
+        let dxf = gemm::matmul(
+            Mat::rows(&logits, n, vocab)?,
+            Mat::rows(lm, vocab, h)?,
+            true,
+        )?;
+        let dlm = gemm::matmul(
+            Mat::rows(&logits, n, vocab)?.t(),
+            Mat::rows(&xf, n, h)?,
+            true,
+        )?;
+        drop((logits, xf));
+        let (mut dx, dnorm) = rms_backward(&x, norm, &dxf, None, s.eps);
+        drop((x, dxf));
+        grads.insert(&self.norm, from_vec(dnorm, h)?);
+        for ((w, k), l) in layers.iter().zip(kept).zip(&self.layers).rev() {
+            let sv = match k {
+                Kept::All(sv) => *sv,
+                Kept::Input(x) => layer_forward(w, x, &cos, &sin, &s)?.0,
             };
-            // MLP: x2 = x1 + down(swiglu(gate(hs2), up(hs2))), hs2 = rms(x1).
-            let (d_act, d_down) = linear_backward(&s.act, &w.down, &dx)?;
-            let both = read::<T, _>(&s.gate, |g| {
-                read::<T, _>(&s.up, |u| {
-                    read::<T, _>(&d_act, |dy| ops::swiglu_bwd(g, u, dy))
-                })
-            })???;
-            let n_inter = s.gate.elem_count();
-            let inter = s.gate.dim(candle_core::D::Minus1)?;
-            let mut both = both;
-            let d_up = from_vec(both.split_off(n_inter), (b * t, inter))?;
-            let d_gate = from_vec(both, (b * t, inter))?;
-            let (dhs2, d_gate_w) = linear_backward(&s.hs2, &w.gate, &d_gate)?;
-            let (dhs2_up, d_up_w) = linear_backward(&s.hs2, &w.up, &d_up)?;
-            add_assign::<T>(&dhs2, &dhs2_up)?;
-            drop((d_gate, d_up, dhs2_up));
-            let (dx1, d_post) = rms_backward::<T>(
-                &s.x1,
-                &w.post_norm,
-                &dhs2.reshape((b, t, h))?,
-                Some(&dx),
-                eps,
-            )?;
-            // Attention: x1 = x + o(attn).
-            let (d_attn, d_o) = linear_backward(&s.attn, &w.o, &dx1)?;
-            let dctx = ops::split_heads(&d_attn.reshape((b, t, nh * hd))?, nh)?.reshape((
-                b,
-                nkv,
-                rep * t,
-                hd,
-            ))?;
-            let dprobs = dctx.matmul(&s.v.t()?)?;
-            let dv = s.probs.t()?.matmul(&dctx)?;
-            drop(dctx);
-            let cols = t;
-            let dscores = read::<T, _>(&s.probs, |p| {
-                read::<T, _>(&dprobs, |g| ops::softmax_bwd(p, g, cols, scale))
-            })??;
-            drop(dprobs);
-            let dscores = from_vec(dscores, (b, nkv, rep * t, t))?;
-            let dq = dscores.matmul(&s.k)?.reshape((b, nh, t, hd))?;
-            let dk = dscores.t()?.matmul(&s.q)?;
-            drop(dscores);
-            let unrope = |d: &Tensor| -> Result<Tensor> {
-                let y = read::<T, _>(d, |d| {
-                    read::<T, _>(&cos, |c| {
-                        read::<T, _>(&sin, |s| {
-                            ops::rope_kernel(d, c, s, t, hd, None, RopeLayout::HalfSplit, true)
-                        })
-                    })
-                })???;
-                from_vec(y, d.shape())
-            };
-            let dq = ops::merge_heads(&unrope(&dq)?)?;
-            let dk = ops::merge_heads(&unrope(&dk)?)?;
-            let dv = ops::merge_heads(&dv)?;
-            let (dhs1, d_q) = linear_backward(&s.hs1, &w.q, &dq)?;
-            let (dhs1_k, d_k) = linear_backward(&s.hs1, &w.k, &dk)?;
-            let (dhs1_v, d_v) = linear_backward(&s.hs1, &w.v, &dv)?;
-            add_assign::<T>(&dhs1, &dhs1_k)?;
-            add_assign::<T>(&dhs1, &dhs1_v)?;
-            drop((dq, dk, dv, dhs1_k, dhs1_v));
-            let (dx0, d_in) = rms_backward::<T>(
-                &s.x,
-                &w.input_norm,
-                &dhs1.reshape((b, t, h))?,
-                Some(&dx1),
-                eps,
-            )?;
+            let (dx0, g) = layer_backward(w, &sv, &dx, &cos, &sin, &s)?;
+            drop(sv);
             dx = dx0;
-            grads.insert(&layer.input_norm, d_in);
-            grads.insert(&layer.post_norm, d_post);
-            for (p, g) in [
-                (&layer.q, d_q),
-                (&layer.k, d_k),
-                (&layer.v, d_v),
-                (&layer.o, d_o),
-                (&layer.gate, d_gate_w),
-                (&layer.up, d_up_w),
-                (&layer.down, d_down),
-            ] {
-                if let Some(p) = plain_weight(p) {
-                    grads.insert(p, g);
-                }
+            let params = layer_tensors(l).ok_or_else(|| internal("a projection has a bias"))?;
+            for (param, g) in params.into_iter().zip(g) {
+                grads.insert(param, from_vec(g, param.shape())?);
             }
         }
-
-        // Embedding rows: scatter-add into the lm_head gradient when tied, else into zeros.
-        let lm_param =
-            plain_weight(&self.lm_head).ok_or_else(|| internal("lm_head has a bias".into()))?;
+        // Embedding rows: added into the lm_head gradient when tied, else into zeros.
         let tied = lm_param.id() == self.embed.id();
-        let dembed = if tied {
+        let mut dembed = if tied {
             dlm
         } else {
-            grads.insert(lm_param, dlm);
-            Tensor::zeros((vocab, h), self.dtype(), &Device::Cpu)?
+            grads.insert(lm_param, from_vec(dlm, (vocab, h))?);
+            vec![T::ZERO; vocab * h]
         };
-        let ids_v: Vec<u32> = flat.to_vec1()?;
-        read::<T, _>(&dx, |dx| {
-            write::<T>(&dembed, |de| {
-                for (row, &id) in dx.chunks(h).zip(&ids_v) {
-                    let at = id as usize * h;
-                    for (a, &g) in de[at..at + h].iter_mut().zip(row) {
-                        *a += g;
-                    }
-                }
-            })
-        })??;
-        grads.insert(&self.embed, dembed);
+        for (row, &id) in dx.chunks_exact(h).zip(&ids) {
+            let at = id as usize * h;
+            for (a, &g) in dembed[at..at + h].iter_mut().zip(row) {
+                *a += g;
+            }
+        }
+        grads.insert(&self.embed, from_vec(dembed, (vocab, h))?);
+        drop(p);
+        drop(guards);
         Ok(FusedStep {
             loss,
             count,
@@ -587,39 +767,44 @@ impl Llama {
     }
 }
 
-/// Cross entropy of `logits` (`[rows, vocab]`, owned by the caller) against `targets`, with
-/// the logits overwritten by the gradient of `weight × mean` (`(softmax − one_hot) · weight /
-/// count` on counted rows, zero elsewhere). Returns the sum over counted rows of
-/// `lse − logit[target]` (in f64, row order), computed with the kernel of
-/// [`crate::ops::cross_entropy`].
+/// Cross entropy of `logits` (`[rows, vocab]`) against `targets`, with the logits
+/// overwritten by the gradient of `weight × mean` (`(softmax − one_hot) · weight / count` on
+/// counted rows, zero elsewhere; the softmax as `e_i / Σ e`). Returns the sum over counted
+/// rows of `lse − logit[target]` (f64, row order), computed as [`crate::ops::cross_entropy`]
+/// does.
 fn cross_entropy_in_place<T: Real>(
-    logits: &Tensor,
+    logits: &mut [T],
     targets: &[Option<u32>],
     vocab: usize,
     weight: f64,
     count: usize,
-) -> Result<f64> {
+) -> f64 {
     // The gradient scale as `cross_entropy`'s backward forms it: d(ce · w)/d(ce) = w in T.
     let g = T::from_f64(weight).to_f64() / count as f64;
     let scale = T::from_f64(g);
     let mut per_row = vec![0f64; targets.len()];
-    write::<T>(logits, |x| {
-        x.par_chunks_mut(vocab)
-            .zip(targets.par_iter())
-            .zip(per_row.par_iter_mut())
-            .with_min_len(ops::min_rows(vocab))
-            .for_each(|((x, t), out)| match t {
-                Some(t) => {
-                    let lse = ops::log_sum_exp(x);
-                    *out = (lse - x[*t as usize]).to_f64();
-                    let lse = T::from_f64(lse.to_f64());
-                    for v in x.iter_mut() {
-                        *v = (*v - lse).exp() * scale;
-                    }
-                    x[*t as usize] -= scale;
+    logits
+        .par_chunks_mut(vocab)
+        .zip(targets.par_iter())
+        .zip(per_row.par_iter_mut())
+        .with_min_len(ops::min_rows(vocab))
+        .for_each(|((x, t), out)| match t {
+            Some(t) => {
+                let t = *t as usize;
+                let target = x[t];
+                // One exponential per element: e_i = exp(x_i - max) in place, summed in the
+                // order of `ops::log_sum_exp` (the same loss), then e_i · scale / sum.
+                let max = ops::row_max(x);
+                let sum = ops::exp_shifted_in_place(x, max);
+                let lse = max + sum.ln();
+                *out = (lse - target).to_f64();
+                let f = scale / sum;
+                for v in x.iter_mut() {
+                    *v *= f;
                 }
-                None => x.fill(T::from_f64(0.0)),
-            });
-    })?;
-    Ok(per_row.iter().sum())
+                x[t] -= scale;
+            }
+            None => x.fill(T::ZERO),
+        });
+    per_row.iter().sum()
 }

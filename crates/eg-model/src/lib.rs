@@ -77,6 +77,7 @@ pub mod causal_lm;
 pub mod checkpointing;
 pub mod config;
 pub mod fused;
+mod gemm;
 pub mod gguf;
 pub mod gpt2;
 pub mod heads;

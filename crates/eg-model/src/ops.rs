@@ -27,14 +27,12 @@ use crate::{Error, Result};
 pub(crate) const ROW_BLOCK: usize = 32;
 
 /// Float element types with a CPU kernel.
-pub(crate) trait Real: WithDType + Send + Sync {
+pub(crate) trait Real: WithDType + Send + Sync + crate::gemm::Float {
     fn sqrt(self) -> Self;
     /// `e^x`: [`exp_f32`] for f32 (vectorisable, within 2 ulp), the C library's for f64 (the
     /// finite-difference checks run in f64).
     fn exp(self) -> Self;
     fn ln(self) -> Self;
-    /// The elements of `s` when it holds this type.
-    fn storage_mut(s: &mut CpuStorage) -> Option<&mut [Self]>;
 }
 
 impl Real for f32 {
@@ -48,12 +46,6 @@ impl Real for f32 {
     fn ln(self) -> Self {
         f32::ln(self)
     }
-    fn storage_mut(s: &mut CpuStorage) -> Option<&mut [Self]> {
-        match s {
-            CpuStorage::F32(v) => Some(v),
-            _ => None,
-        }
-    }
 }
 
 impl Real for f64 {
@@ -65,12 +57,6 @@ impl Real for f64 {
     }
     fn ln(self) -> Self {
         f64::ln(self)
-    }
-    fn storage_mut(s: &mut CpuStorage) -> Option<&mut [Self]> {
-        match s {
-            CpuStorage::F64(v) => Some(v),
-            _ => None,
-        }
     }
 }
 
@@ -527,11 +513,11 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 
 /// A causal mask fused into [`causal_softmax`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Causal {
+pub(crate) struct Causal {
     /// Query positions per block of rows: row `r` is query `r % q_len`.
-    q_len: usize,
+    pub(crate) q_len: usize,
     /// Keys further back than this many positions are masked (`None`: no window).
-    window: Option<usize>,
+    pub(crate) window: Option<usize>,
 }
 
 struct SoftmaxOp {
@@ -555,7 +541,12 @@ fn allowed(causal: Option<Causal>, row: usize, cols: usize) -> (usize, usize) {
     }
 }
 
-fn softmax_fwd<T: Real>(x: &[T], cols: usize, scale: f64, causal: Option<Causal>) -> Vec<T> {
+pub(crate) fn softmax_fwd<T: Real>(
+    x: &[T],
+    cols: usize,
+    scale: f64,
+    causal: Option<Causal>,
+) -> Vec<T> {
     let zero = T::from_f64(0.0);
     let s = T::from_f64(scale);
     let mut y = vec![zero; x.len()];
@@ -1007,13 +998,43 @@ struct CrossEntropyOp {
 }
 
 pub(crate) fn log_sum_exp<T: Real>(x: &[T]) -> T {
+    let max = row_max(x);
+    max + sum_exp_shifted(x, max).ln()
+}
+
+/// The largest element of a non-empty row (NaN elements after the first are skipped; a NaN
+/// still reaches the result through the exponentials).
+pub(crate) fn row_max<T: Real>(x: &[T]) -> T {
     let mut max = x[0];
     for &v in x {
         if v > max {
             max = v;
         }
     }
-    max + sum_exp_shifted(x, max).ln()
+    max
+}
+
+/// Replaces every `x_i` by `e^(x_i - shift)` and returns their sum, in the order of
+/// [`sum_exp_shifted`] (bitwise the same sum).
+pub(crate) fn exp_shifted_in_place<T: Real>(x: &mut [T], shift: T) -> T {
+    let zero = T::from_f64(0.0);
+    let mut acc = [zero; 8];
+    let mut chunks = x.chunks_exact_mut(8);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *v = (*v - shift).exp();
+            *a += *v;
+        }
+    }
+    let mut s = zero;
+    for v in chunks.into_remainder() {
+        *v = (*v - shift).exp();
+        s += *v;
+    }
+    for a in acc {
+        s += a;
+    }
+    s
 }
 
 /// `Σ e^(x_i - shift)`, over eight interleaved partial sums (a fixed order, so deterministic)

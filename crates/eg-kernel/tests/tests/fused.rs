@@ -37,8 +37,7 @@ fn losses<M: TrainModel>(m: M) -> Vec<f64> {
     let mut t = trainer(m, 4, o);
     t.add_callback(Box::new(Losses(out.clone())));
     assert_eq!(t.fit().unwrap().steps, 5);
-    let l = out.lock().unwrap().clone();
-    l
+    out.lock().unwrap().clone()
 }
 
 #[test]
