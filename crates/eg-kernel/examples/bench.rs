@@ -106,8 +106,9 @@ fn bare_candle(steps: u64) -> (f64, f64) {
     per_step(t, c, steps)
 }
 
-/// forward, backward, this crate's in-place AdamW reading candle's gradients where they lie:
-/// no guards, no accumulation, no copy.
+/// The model's fused step (forward, loss, hand-written backward: what the trainer runs for
+/// this model), this crate's in-place AdamW reading the gradients where they lie: no guards,
+/// no accumulation, no copy.
 fn bare_inplace(steps: u64) -> (f64, f64) {
     let m = model();
     let mut l = loader();
@@ -120,8 +121,12 @@ fn bare_inplace(steps: u64) -> (f64, f64) {
     let mut opt = Optimizer::new(kind(), 0.01, &shapes).unwrap();
     let mut step = |l: &mut Loader| {
         let b = l.next_batch().unwrap().unwrap();
-        let g = loss_of(&m, &b).backward().unwrap();
-        // The update reads candle's gradient storage directly: no copy.
+        let ids = Tensor::from_slice(&b.input_ids, (b.rows, b.seq_len), &Device::Cpu).unwrap();
+        let g = m
+            .fused_step(&ids, &eg_kernel::batch_targets(&b), 1.0)
+            .unwrap()
+            .grads;
+        // The update reads the gradient storage directly: no copy.
         let ts: Vec<Tensor> = vars
             .iter()
             .map(|v| g.get(v.as_tensor()).unwrap().contiguous().unwrap())
