@@ -25,7 +25,7 @@ use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::fsio::{sha256_file, sync_dir, write_atomic};
+use crate::fsio::{sha256_file, sync_dir};
 use crate::optim::{OptimizerKind, OptimizerState, OptimizerStream};
 use crate::{Error, Result};
 
@@ -154,28 +154,23 @@ fn write_safetensors_with(
     }
     let file = std::fs::File::create(path).map_err(Error::io(path))?;
     let mut w = HashWriter {
-        inner: std::io::BufWriter::with_capacity(1 << 20, file),
+        file,
         hash: Sha256::new(),
         bytes: 0,
+        buf: vec![0; WRITE_CHUNK],
+        fill: 0,
     };
     let io = |e| Error::Io {
         path: path.to_path_buf(),
         source: e,
     };
-    w.write_all(&(head.len() as u64).to_le_bytes())
+    w.push_bytes(&(head.len() as u64).to_le_bytes())
         .map_err(io)?;
-    w.write_all(&head).map_err(io)?;
-    let mut buf = Vec::with_capacity(1 << 16);
+    w.push_bytes(&head).map_err(io)?;
     for (i, &(name, _, len)) in entries.iter().enumerate() {
         let mut written = 0usize;
         fill(i, &mut |v: &[f32]| {
-            for chunk in v.chunks(1 << 14) {
-                buf.clear();
-                for x in chunk {
-                    buf.extend_from_slice(&x.to_le_bytes());
-                }
-                w.write_all(&buf)?;
-            }
+            w.push_f32(v)?;
             written += v.len();
             Ok(())
         })?;
@@ -187,8 +182,10 @@ fn write_safetensors_with(
             });
         }
     }
-    let HashWriter { inner, hash, bytes } = w;
-    let file = inner.into_inner().map_err(|e| io(e.into_error()))?;
+    w.flush().map_err(io)?;
+    let HashWriter {
+        file, hash, bytes, ..
+    } = w;
     file.sync_all().map_err(io)?;
     Ok(FileEntry {
         sha256: hex::encode(hash.finalize()),
@@ -196,17 +193,59 @@ fn write_safetensors_with(
     })
 }
 
-struct HashWriter<W> {
-    inner: W,
+/// Bytes staged before each `write` (and hashed in one call).
+const WRITE_CHUNK: usize = 4 << 20;
+
+/// Stages bytes in a large buffer, writing and hashing each full buffer with one call: one
+/// pass of the hash over the data, no second buffer, few system calls.
+struct HashWriter {
+    file: std::fs::File,
     hash: Sha256,
     bytes: u64,
+    buf: Vec<u8>,
+    fill: usize,
 }
 
-impl<W: Write> HashWriter<W> {
-    fn write_all(&mut self, b: &[u8]) -> std::io::Result<()> {
+impl HashWriter {
+    fn push_bytes(&mut self, mut b: &[u8]) -> std::io::Result<()> {
+        while !b.is_empty() {
+            let n = (self.buf.len() - self.fill).min(b.len());
+            self.buf[self.fill..self.fill + n].copy_from_slice(&b[..n]);
+            self.fill += n;
+            b = &b[n..];
+            if self.fill == self.buf.len() {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends `v` as little-endian f32 bytes.
+    fn push_f32(&mut self, mut v: &[f32]) -> std::io::Result<()> {
+        while !v.is_empty() {
+            let room = (self.buf.len() - self.fill) / 4;
+            if room == 0 {
+                self.flush()?;
+                continue;
+            }
+            let (now, later) = v.split_at(room.min(v.len()));
+            let dst = &mut self.buf[self.fill..self.fill + 4 * now.len()];
+            for (d, x) in dst.chunks_exact_mut(4).zip(now) {
+                d.copy_from_slice(&x.to_le_bytes());
+            }
+            self.fill += 4 * now.len();
+            v = later;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let b = &self.buf[..self.fill];
+        self.file.write_all(b)?;
         self.hash.update(b);
         self.bytes += b.len() as u64;
-        self.inner.write_all(b)
+        self.fill = 0;
+        Ok(())
     }
 }
 
@@ -232,10 +271,6 @@ pub fn save(root: &Path, data: &CheckpointData) -> Result<PathBuf> {
     std::fs::create_dir_all(&tmp).map_err(Error::io(&tmp))?;
     let result = (|| {
         let mut files = BTreeMap::new();
-        files.insert(
-            MODEL.to_string(),
-            write_safetensors(&tmp.join(MODEL), &data.weights, &BTreeMap::new())?,
-        );
         let kind = serde_json::to_string(&data.optimizer.kind).map_err(|source| Error::Json {
             what: "optimizer kind",
             source,
@@ -245,18 +280,25 @@ pub fn save(root: &Path, data: &CheckpointData) -> Result<PathBuf> {
             ("kind".to_string(), kind),
         ]);
         let opt_path = tmp.join(OPTIMIZER);
-        let entry = match &data.optimizer_stream {
-            None => write_safetensors(&opt_path, &data.optimizer.buffers, &meta)?,
+        let write_optimizer = || match &data.optimizer_stream {
+            None => write_safetensors(&opt_path, &data.optimizer.buffers, &meta),
             Some(st) => {
                 let entries: Vec<(&str, &[usize], usize)> = st
                     .buffers
                     .iter()
                     .map(|(n, shape, _, _)| (n.as_str(), shape.as_slice(), shape.iter().product()))
                     .collect();
-                write_safetensors_with(&opt_path, &entries, &meta, &mut |i, sink| st.read(i, sink))?
+                write_safetensors_with(&opt_path, &entries, &meta, &mut |i, sink| st.read(i, sink))
             }
         };
-        files.insert(OPTIMIZER.to_string(), entry);
+        // One file after the other: on a loaded 2-core machine, writing the two large files
+        // on two threads (and starting their writeback early) measured slower and more
+        // variable than this (docs/benchmarks.md, 2026-11-29).
+        files.insert(
+            MODEL.to_string(),
+            write_safetensors(&tmp.join(MODEL), &data.weights, &BTreeMap::new())?,
+        );
+        files.insert(OPTIMIZER.to_string(), write_optimizer()?);
         files.insert(
             TRAINER.to_string(),
             write_small(&tmp.join(TRAINER), &data.trainer_json)?,
@@ -282,7 +324,9 @@ pub fn save(root: &Path, data: &CheckpointData) -> Result<PathBuf> {
             what: "manifest",
             source,
         })?;
-        write_atomic(&tmp.join(MANIFEST), &json)?;
+        // Inside the temporary directory, renamed into place as a whole: a plain synced
+        // write like the other files (no temporary name, rename and sync of its own).
+        write_small(&tmp.join(MANIFEST), &json)?;
         sync_dir(&tmp)?;
         let dst = root.join(&name);
         if dst.exists() {
