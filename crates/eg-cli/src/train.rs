@@ -599,6 +599,10 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
             },
         });
     }
+    // DPO: the held-out preference pairs (`data.eval_fraction` of them).
+    if let Some(source) = pairs.as_ref().and_then(|p| p.eval_source(&cfg, rows)) {
+        trainer = trainer.with_eval_batches(source);
+    }
 
     let resumed = resume_and_forward_stop(&mut trainer, &cfg, &c.dir, stop)?;
 

@@ -340,3 +340,40 @@ fn dpo_raises_rewards_and_resumes_exactly() {
         |r: &Path| std::fs::read(r.join("checkpoints/step-00000016/model.safetensors")).unwrap();
     assert!(w(&part) == w(&full), "final weights differ");
 }
+
+/// `train.mode = "dpo"` with `data.eval_fraction`: the last pairs are held out and evaluated
+/// every `train.eval.every` steps; `metrics.jsonl` gets eval lines with the mean pair loss
+/// and the reward accuracy on them.
+#[test]
+fn dpo_evaluates_held_out_pairs() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut sets = dpo_sets(dir.path(), 8);
+    sets.extend([
+        "data.eval_fraction=0.2".to_string(),
+        "train.eval.every=4".to_string(),
+        "train.eval.max_batches=10".to_string(),
+    ]);
+    let out = train(&run, &sets);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("40 preference pairs"), "{err}");
+    assert!(err.contains("8 held out"), "{err}");
+    let evals: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["event"] == "eval")
+        .collect();
+    let at: Vec<u64> = evals.iter().map(|e| e["step"].as_u64().unwrap()).collect();
+    assert_eq!(at, [4, 8], "{evals:?}");
+    for e in &evals {
+        // All 8 held-out pairs (4 per batch), the mean pair loss, the reward accuracy.
+        assert_eq!(e["tokens"], 8, "{e}");
+        let loss = e["loss"].as_f64().unwrap();
+        assert!(loss.is_finite() && loss > 0.0, "{e}");
+        let acc = e["extra"]["reward_accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc), "{e}");
+        assert!(e["extra"]["reward_margin"].is_number(), "{e}");
+    }
+    assert_eq!(steps(&run).len(), 8);
+}

@@ -160,6 +160,8 @@ pub(super) fn load_tokens(cfg: &Config) -> anyhow::Result<Data> {
 /// DPO's preference pairs.
 pub(super) struct Pairs {
     data: Arc<data::PairDataset>,
+    /// The held-out pairs (`data.eval_fraction` of them, the last ones), if any.
+    eval: Option<Arc<data::PairDataset>>,
     vocab: usize,
     eos: Option<u32>,
     description: String,
@@ -203,22 +205,36 @@ pub(super) fn load_pairs(cfg: &Config) -> anyhow::Result<Option<Pairs>> {
             ),
         });
     }
-    if cfg.data.eval_fraction.get() > 0.0 {
-        eprintln!(
-            "note: DPO runs no held-out evaluation yet; data.eval_fraction is not used (every pair trains)"
-        );
-    }
+    // The last `data.eval_fraction` of the pairs are held out (at least one pair trains),
+    // as the causal mode holds out the last samples.
+    let n = pairs.len();
+    let held = ((n as f64) * cfg.data.eval_fraction.get()).round() as u64;
+    let held = held.min(n.saturating_sub(1));
+    let (train, eval) = if held > 0 {
+        let (mut train, mut eval) = (data::PairDataset::new(), data::PairDataset::new());
+        for id in 0..n {
+            let p = pairs.get(id)?.clone();
+            if id < n - held {
+                train.push(p);
+            } else {
+                eval.push(p);
+            }
+        }
+        (Arc::new(train), Some(Arc::new(eval)))
+    } else {
+        (Arc::new(pairs.clone()), None)
+    };
     Ok(Some(Pairs {
         description: format!(
-            "{} preference pairs from {} file(s) ({} records skipped), vocabulary {}",
-            pairs.len(),
+            "{n} preference pairs from {} file(s) ({} records skipped, {held} held out), vocabulary {}",
             files.len(),
             pairs.skipped(),
             tokenizer.vocab_size()
         ),
         vocab: tokenizer.vocab_size(),
         eos,
-        data: Arc::new(pairs),
+        data: train,
+        eval,
     }))
 }
 
@@ -250,5 +266,27 @@ impl Pairs {
             opts,
             data::Placement::SINGLE,
         )?)
+    }
+
+    /// The held-out pairs as the trainer's eval source (a fresh unshuffled one-epoch
+    /// loader of `rows / 2` pairs per batch at each evaluation), when some are held out.
+    pub(super) fn eval_source(
+        &self,
+        cfg: &Config,
+        rows: usize,
+    ) -> Option<elastic_guardian::kernel::EvalSource> {
+        let held = self.eval.clone()?;
+        let opts = data::PairLoaderOptions {
+            seq_len: cfg.data.seq_len.0 as usize,
+            pairs_per_step: (rows / 2).max(1),
+            pad_id: 0,
+            seed: cfg.run.seed,
+            shuffle: false,
+            epochs: Some(1),
+        };
+        Some(Box::new(move || {
+            let l = data::PairLoader::new(held.clone(), opts.clone(), data::Placement::SINGLE)?;
+            Ok(Box::new(l) as Box<dyn data::BatchSource>)
+        }))
     }
 }
