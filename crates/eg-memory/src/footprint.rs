@@ -356,7 +356,7 @@ pub struct Setup {
 ///   `master_weights`, `grad_accumulator`, `optimizer_state`, `rollback_snapshot`,
 ///   `overhead`;
 /// - **step phase** (forward and backward of one micro-batch): `gradients`, `activations`,
-///   `transient`, `checkpoint_in_flight`;
+///   `transient`, `checkpoint_in_flight`, `heap_retention`;
 /// - **checkpoint phase** (writing a checkpoint, after the step's tensors are freed):
 ///   `checkpoint_buffers`.
 ///
@@ -407,6 +407,13 @@ pub struct Estimate {
     /// writer shares the rollback snapshot (under disk offload the state part is 0: the
     /// writer streams it from the offload store's snapshot files).
     pub checkpoint_in_flight: Bytes,
+    /// Freed buffers the allocator keeps resident during the step (heap fragmentation under
+    /// the allocator settings of `eg_kernel::tune_process`, whose mmap threshold keeps every
+    /// buffer below 32 MiB in the heap): [`MemoryModel::adapter_heap_retention_permille`]
+    /// ‰ of `gradients + activations + transient` with LoRA adapters (candle's autograd
+    /// path), 0 for full training. Measured, not derived: see `docs/memory.md`.
+    #[serde(default = "zero_bytes")]
+    pub heap_retention: Bytes,
     /// Copies made while writing a checkpoint:
     /// [`MemoryModel::checkpoint_copies`]` × (T·4 + slots·T·4)` (eg-kernel captures the new
     /// snapshot while the old one is still alive: one copy); the state part is 0 under disk
@@ -418,7 +425,7 @@ pub struct Estimate {
 
 impl Estimate {
     /// The terms with their names, in order (without `peak`).
-    pub fn terms(&self) -> [(&'static str, Bytes); 12] {
+    pub fn terms(&self) -> [(&'static str, Bytes); 13] {
         [
             ("weights", self.weights),
             ("adapter_weights", self.adapter_weights),
@@ -431,6 +438,7 @@ impl Estimate {
             ("activations", self.activations),
             ("transient", self.transient),
             ("checkpoint_in_flight", self.checkpoint_in_flight),
+            ("heap_retention", self.heap_retention),
             ("checkpoint_buffers", self.checkpoint_buffers),
         ]
     }
@@ -459,9 +467,14 @@ impl Estimate {
                 .0
                 .saturating_add(self.activations.0)
                 .saturating_add(self.transient.0)
-                .saturating_add(self.checkpoint_in_flight.0),
+                .saturating_add(self.checkpoint_in_flight.0)
+                .saturating_add(self.heap_retention.0),
         )
     }
+}
+
+fn zero_bytes() -> Bytes {
+    Bytes(0)
 }
 
 impl fmt::Display for Estimate {
@@ -492,6 +505,10 @@ pub struct MemoryModel {
     pub checkpoint_copies: u32,
     /// Extra copies a background checkpoint writer holds while training goes on.
     pub in_flight_copies: u32,
+    /// Per mille of the step phase (`gradients + activations + transient`) the allocator
+    /// keeps resident as fragmentation with LoRA adapters ([`Estimate::heap_retention`]).
+    #[serde(default)]
+    pub adapter_heap_retention_permille: u32,
 }
 
 impl Default for MemoryModel {
@@ -508,6 +525,11 @@ impl Default for MemoryModel {
             rollback_snapshot: true,
             checkpoint_copies: 1,
             in_flight_copies: 0,
+            // glibc with `eg_kernel::tune_process`'s settings (mmap threshold 32 MiB, no
+            // trimming), measured 2026-11-29 on the grid of docs/memory.md: LoRA / QLoRA
+            // rank 16 on small-llama peak 36–46 MiB (7–12 % of the step phase) above glibc's
+            // defaults; full training (fused step or autograd) within ±4 MiB.
+            adapter_heap_retention_permille: 100,
         }
     }
 }
@@ -654,6 +676,19 @@ impl MemoryModel {
             f32_params.saturating_add(state_in_ram),
         );
 
+        // Heap fragmentation on the autograd path with adapters (measured, see the field).
+        let heap_retention = match setup.adapters {
+            Adapters::None => 0,
+            Adapters::Lora { .. } => {
+                mul(
+                    gradients
+                        .saturating_add(activations)
+                        .saturating_add(transient),
+                    u64::from(self.adapter_heap_retention_permille),
+                ) / 1000
+            }
+        };
+
         let mut e = Estimate {
             weights: Bytes(weights),
             adapter_weights: Bytes(adapter_weights),
@@ -666,6 +701,7 @@ impl MemoryModel {
             activations: Bytes(activations),
             transient: Bytes(transient),
             checkpoint_in_flight: Bytes(checkpoint_in_flight),
+            heap_retention: Bytes(heap_retention),
             checkpoint_buffers: Bytes(checkpoint_buffers),
             peak: Bytes(0),
         };
@@ -735,6 +771,7 @@ mod tests {
             rollback_snapshot: false,
             checkpoint_copies: 0,
             in_flight_copies: 0,
+            adapter_heap_retention_permille: 0,
         }
     }
 
@@ -820,6 +857,40 @@ mod tests {
         assert_eq!(e.optimizer_state, Bytes(2 * 8_000 * 4));
         // + 8 * 10 LoRA elements per token.
         assert_eq!(e.activations, Bytes(200 * (7_800 + 80) * 4));
+    }
+
+    /// The allocator-retention term (issue 9): a fraction of the step phase with LoRA
+    /// adapters only, counted in the step phase and the peak.
+    #[test]
+    fn heap_retention_is_a_share_of_the_adapter_step_phase() {
+        let lora = Setup {
+            adapters: Adapters::Lora {
+                rank: 8,
+                base: BaseFormat::Full,
+            },
+            ..setup()
+        };
+        let m = MemoryModel {
+            adapter_heap_retention_permille: 100,
+            ..zero_overhead()
+        };
+        let without = zero_overhead().estimate(&toy(), &lora).unwrap();
+        let with = m.estimate(&toy(), &lora).unwrap();
+        assert_eq!(without.heap_retention, Bytes(0));
+        let step = without.gradients.0 + without.activations.0 + without.transient.0;
+        assert_eq!(with.heap_retention, Bytes(step / 10));
+        assert_eq!(with.step_phase().0, without.step_phase().0 + step / 10);
+        assert_eq!(with.peak.0, without.peak.0 + step / 10);
+        // Full training: no retention term.
+        let full = m.estimate(&toy(), &setup()).unwrap();
+        assert_eq!(full.heap_retention, Bytes(0));
+        assert_eq!(full, zero_overhead().estimate(&toy(), &setup()).unwrap());
+        // The shipped model has it; an Estimate serialized before the term existed loads.
+        assert_eq!(MemoryModel::default().adapter_heap_retention_permille, 100);
+        let mut v = serde_json::to_value(with).unwrap();
+        v.as_object_mut().unwrap().remove("heap_retention");
+        let back: Estimate = serde_json::from_value(v).unwrap();
+        assert_eq!(back.heap_retention, Bytes(0));
     }
 
     #[test]

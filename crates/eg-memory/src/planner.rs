@@ -724,6 +724,7 @@ mod tests {
             rollback_snapshot: false,
             checkpoint_copies: 0,
             in_flight_copies: 0,
+            adapter_heap_retention_permille: 0,
         }
     }
 
