@@ -94,38 +94,44 @@ pub fn step_dir_name(step: u64) -> String {
     format!("step-{step:08}")
 }
 
-/// Writes `buffers` as an f32 safetensors file, hashing while writing (no second read), and
-/// syncs it. The file lives in the checkpoint's temporary directory, which is renamed into
-/// place as a whole, so it needs no temporary name of its own.
-fn write_safetensors(
-    path: &Path,
-    buffers: &NamedBuffers,
-    metadata: &BTreeMap<String, String>,
-) -> Result<FileEntry> {
-    let entries: Vec<(&str, &[usize], usize)> = buffers
+/// The entries of `buffers`.
+fn buffer_entries(buffers: &NamedBuffers) -> Entries<'_> {
+    buffers
         .iter()
         .map(|(n, (shape, v))| (n.as_str(), shape.as_slice(), v.len()))
-        .collect();
+        .collect()
+}
+
+/// A [`Fill`] passing the values of `buffers` (entries in name order).
+fn buffer_fill<'a>(
+    path: &'a Path,
+    buffers: &'a NamedBuffers,
+) -> impl FnMut(usize, &mut Sink<'_>) -> Result<()> + 'a {
     let values: Vec<&[f32]> = buffers.values().map(|(_, v)| v.as_slice()).collect();
-    write_safetensors_with(path, &entries, metadata, &mut |i, sink| {
-        for chunk in values[i].chunks(1 << 14) {
+    move |i, sink| {
+        let v = values.get(i).copied().unwrap_or_default();
+        for chunk in v.chunks(1 << 16) {
             sink(chunk).map_err(Error::io(path))?;
         }
         Ok(())
-    })
+    }
 }
 
-/// Passes the values of entry `i` to the sink.
-type Fill<'a> = dyn FnMut(usize, &mut dyn FnMut(&[f32]) -> std::io::Result<()>) -> Result<()> + 'a;
+/// Takes the values of an entry, piece by piece.
+type Sink<'s> = dyn FnMut(&[f32]) -> std::io::Result<()> + 's;
 
-/// [`write_safetensors`] from entries (name, shape, elements; in name order) whose values
-/// `fill` passes on piece by piece.
-fn write_safetensors_with(
-    path: &Path,
+/// Passes the values of entry `i` to the sink.
+type Fill<'a> = dyn FnMut(usize, &mut Sink<'_>) -> Result<()> + 'a;
+
+/// Entries of a safetensors file: name, shape, elements; in name order.
+type Entries<'a> = Vec<(&'a str, &'a [usize], usize)>;
+
+/// The start of a safetensors file: the header's length (8 bytes) and the header, padded
+/// to 8 bytes, for entries (name, shape, elements; in name order).
+fn safetensors_head(
     entries: &[(&str, &[usize], usize)],
     metadata: &BTreeMap<String, String>,
-    fill: &mut Fill<'_>,
-) -> Result<FileEntry> {
+) -> Result<Vec<u8>> {
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
         header.insert(
@@ -152,21 +158,25 @@ fn write_safetensors_with(
     while head.len() % 8 != 0 {
         head.push(b' ');
     }
-    let file = std::fs::File::create(path).map_err(Error::io(path))?;
-    let mut w = HashWriter {
-        file,
-        hash: Sha256::new(),
-        bytes: 0,
-        buf: vec![0; WRITE_CHUNK],
-        fill: 0,
-    };
+    let mut out = (head.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&head);
+    Ok(out)
+}
+
+/// One pass over a safetensors file's bytes (`head`, then the values `fill` passes for
+/// each entry as little-endian f32) into `w`: written to its file, hashed, or both.
+fn safetensors_pass(
+    path: &Path,
+    head: &[u8],
+    entries: &[(&str, &[usize], usize)],
+    fill: &mut Fill<'_>,
+    mut w: Staging,
+) -> Result<Staging> {
     let io = |e| Error::Io {
         path: path.to_path_buf(),
         source: e,
     };
-    w.push_bytes(&(head.len() as u64).to_le_bytes())
-        .map_err(io)?;
-    w.push_bytes(&head).map_err(io)?;
+    w.push_bytes(head).map_err(io)?;
     for (i, &(name, _, len)) in entries.iter().enumerate() {
         let mut written = 0usize;
         fill(i, &mut |v: &[f32]| {
@@ -183,30 +193,76 @@ fn write_safetensors_with(
         }
     }
     w.flush().map_err(io)?;
-    let HashWriter {
-        file, hash, bytes, ..
-    } = w;
-    file.sync_all().map_err(io)?;
-    Ok(FileEntry {
-        sha256: hex::encode(hash.finalize()),
-        bytes,
-    })
+    Ok(w)
 }
 
-/// Bytes staged before each `write` (and hashed in one call).
-const WRITE_CHUNK: usize = 4 << 20;
+/// Writes a safetensors file (not synced yet): its open file and its size.
+fn write_safetensors_unsynced(
+    path: &Path,
+    head: &[u8],
+    entries: &[(&str, &[usize], usize)],
+    fill: &mut Fill<'_>,
+) -> Result<(std::fs::File, u64)> {
+    let file = std::fs::File::create(path).map_err(Error::io(path))?;
+    let w = safetensors_pass(
+        path,
+        head,
+        entries,
+        fill,
+        Staging::new(Some(file), false, WRITE_CHUNK),
+    )?;
+    match w.file {
+        Some(f) => Ok((f, w.bytes)),
+        None => Err(Error::io(path)(std::io::Error::other("file lost"))),
+    }
+}
 
-/// Stages bytes in a large buffer, writing and hashing each full buffer with one call: one
-/// pass of the hash over the data, no second buffer, few system calls.
-struct HashWriter {
-    file: std::fs::File,
-    hash: Sha256,
+/// The hex sha256 of the bytes [`write_safetensors_unsynced`] wrote, computed again from
+/// the values (in cache-sized pieces: converting them again costs little next to the hash).
+fn hash_safetensors(
+    path: &Path,
+    head: &[u8],
+    entries: &[(&str, &[usize], usize)],
+    fill: &mut Fill<'_>,
+) -> Result<String> {
+    let w = safetensors_pass(
+        path,
+        head,
+        entries,
+        fill,
+        Staging::new(None, true, HASH_CHUNK),
+    )?;
+    Ok(w.hash
+        .map(|h| hex::encode(h.finalize()))
+        .unwrap_or_default())
+}
+
+/// Bytes staged before each `write`.
+const WRITE_CHUNK: usize = 4 << 20;
+/// Bytes staged before each hash update in the hashing pass (stays in the L2 cache).
+const HASH_CHUNK: usize = 256 << 10;
+
+/// Stages bytes in a buffer and passes each full buffer with one call to the file (when
+/// writing) and the hash (when hashing): no second buffer, few system calls.
+struct Staging {
+    file: Option<std::fs::File>,
+    hash: Option<Sha256>,
     bytes: u64,
     buf: Vec<u8>,
     fill: usize,
 }
 
-impl HashWriter {
+impl Staging {
+    fn new(file: Option<std::fs::File>, hash: bool, chunk: usize) -> Self {
+        Self {
+            file,
+            hash: hash.then(Sha256::new),
+            bytes: 0,
+            buf: vec![0; chunk],
+            fill: 0,
+        }
+    }
+
     fn push_bytes(&mut self, mut b: &[u8]) -> std::io::Result<()> {
         while !b.is_empty() {
             let n = (self.buf.len() - self.fill).min(b.len());
@@ -241,8 +297,12 @@ impl HashWriter {
 
     fn flush(&mut self) -> std::io::Result<()> {
         let b = &self.buf[..self.fill];
-        self.file.write_all(b)?;
-        self.hash.update(b);
+        if let Some(f) = &mut self.file {
+            f.write_all(b)?;
+        }
+        if let Some(h) = &mut self.hash {
+            h.update(b);
+        }
         self.bytes += b.len() as u64;
         self.fill = 0;
         Ok(())
@@ -279,26 +339,65 @@ pub fn save(root: &Path, data: &CheckpointData) -> Result<PathBuf> {
             ("t".to_string(), data.optimizer.t.to_string()),
             ("kind".to_string(), kind),
         ]);
-        let opt_path = tmp.join(OPTIMIZER);
-        let write_optimizer = || match &data.optimizer_stream {
-            None => write_safetensors(&opt_path, &data.optimizer.buffers, &meta),
-            Some(st) => {
-                let entries: Vec<(&str, &[usize], usize)> = st
-                    .buffers
+        let (model_path, opt_path) = (tmp.join(MODEL), tmp.join(OPTIMIZER));
+        let model_entries = buffer_entries(&data.weights);
+        let mut model_fill = buffer_fill(&model_path, &data.weights);
+        let (opt_entries, mut opt_fill): (Entries<'_>, Box<Fill<'_>>) = match &data.optimizer_stream
+        {
+            None => (
+                buffer_entries(&data.optimizer.buffers),
+                Box::new(buffer_fill(&opt_path, &data.optimizer.buffers)),
+            ),
+            Some(st) => (
+                st.buffers
                     .iter()
                     .map(|(n, shape, _, _)| (n.as_str(), shape.as_slice(), shape.iter().product()))
-                    .collect();
-                write_safetensors_with(&opt_path, &entries, &meta, &mut |i, sink| st.read(i, sink))
-            }
+                    .collect(),
+                Box::new(|i, sink: &mut Sink<'_>| st.read(i, sink)),
+            ),
         };
-        // One file after the other: on a loaded 2-core machine, writing the two large files
-        // on two threads (and starting their writeback early) measured slower and more
-        // variable than this (docs/benchmarks.md, 2026-11-29).
-        files.insert(
-            MODEL.to_string(),
-            write_safetensors(&tmp.join(MODEL), &data.weights, &BTreeMap::new())?,
-        );
-        files.insert(OPTIMIZER.to_string(), write_optimizer()?);
+        let model_head = safetensors_head(&model_entries, &BTreeMap::new())?;
+        let opt_head = safetensors_head(&opt_entries, &meta)?;
+        // Each large file is written first and synced on a helper thread (waiting for the
+        // disk, not using the CPU) while this thread hashes what was written, from the
+        // values again: the hash overlaps the disk instead of adding to it.
+        std::thread::scope(|scope| -> Result<()> {
+            let (f, model_bytes) = write_safetensors_unsynced(
+                &model_path,
+                &model_head,
+                &model_entries,
+                &mut model_fill,
+            )?;
+            let model_sync = scope.spawn(move || f.sync_all());
+            let (f, opt_bytes) =
+                write_safetensors_unsynced(&opt_path, &opt_head, &opt_entries, &mut opt_fill)?;
+            let opt_sync = scope.spawn(move || f.sync_all());
+            let model_sha =
+                hash_safetensors(&model_path, &model_head, &model_entries, &mut model_fill)?;
+            let opt_sha = hash_safetensors(&opt_path, &opt_head, &opt_entries, &mut opt_fill)?;
+            let joined = |h: std::thread::ScopedJoinHandle<'_, std::io::Result<()>>, p: &Path| {
+                h.join()
+                    .map_err(|_| Error::WriterPanicked)?
+                    .map_err(Error::io(p))
+            };
+            joined(model_sync, &model_path)?;
+            joined(opt_sync, &opt_path)?;
+            files.insert(
+                MODEL.to_string(),
+                FileEntry {
+                    sha256: model_sha,
+                    bytes: model_bytes,
+                },
+            );
+            files.insert(
+                OPTIMIZER.to_string(),
+                FileEntry {
+                    sha256: opt_sha,
+                    bytes: opt_bytes,
+                },
+            );
+            Ok(())
+        })?;
         files.insert(
             TRAINER.to_string(),
             write_small(&tmp.join(TRAINER), &data.trainer_json)?,
