@@ -103,9 +103,11 @@ fn bad(what: &str, expected: usize, found: usize) -> Error {
     }
 }
 
-/// candle's choice: all compute threads, unless the caller already runs in parallel.
+/// All of rayon's compute threads (the pool `hardware.threads` sizes; asking candle instead
+/// would read `/proc/cpuinfo` on every call when `RAYON_NUM_THREADS` is unset), unless the
+/// caller already runs in parallel.
 fn parallelism(parallel: bool) -> Parallelism {
-    let n = candle_core::utils::get_num_threads();
+    let n = rayon::current_num_threads();
     if parallel && n > 1 {
         Parallelism::Rayon(n)
     } else {
