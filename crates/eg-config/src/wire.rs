@@ -371,7 +371,8 @@ pub struct DataWire {
     pub packing: Packing,
     /// Shuffle sample order each epoch (seeded by `run.seed`).
     pub shuffle: bool,
-    /// Fraction of samples held out for evaluation, in [0, 1).
+    /// Fraction of samples held out for evaluation, in [0, 1); in DPO mode, of the
+    /// preference pairs (the last ones), evaluated for loss and reward accuracy.
     #[cfg_attr(test, proptest(strategy = "crate::wire::arb::float()"))]
     pub eval_fraction: f64,
     /// Fraction of bad records tolerated before the run stops.

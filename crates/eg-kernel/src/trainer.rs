@@ -913,6 +913,7 @@ impl<M: TrainModel> Trainer<M> {
                 _ => None,
             };
             let copy_secs = t.elapsed().as_secs_f64();
+            let copy_failed = state.is_err();
             // The loop may have stopped waiting (dropped): then there is no one to hand to.
             let _ = tx.send(Copied {
                 optimizer,
@@ -921,6 +922,12 @@ impl<M: TrainModel> Trainer<M> {
             });
             match (then, parts) {
                 (Some(write), Some(parts)) => write(parts?),
+                // The copy's own error reaches the loop through `settle_snapshot`.
+                (Some(_), None) if copy_failed => Err(Error::StateMismatch {
+                    what: "checkpoint snapshot".into(),
+                    expected: "a copy of the weights and the optimizer state".into(),
+                    found: "the copy failed (reported by the next update)".into(),
+                }),
                 _ => Ok(PathBuf::new()),
             }
         };
