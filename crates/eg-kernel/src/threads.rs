@@ -231,8 +231,11 @@ pub fn plan_tuning(
 ///   and every allocator setting is reported as [`Tuned::Skipped`]. The memory this keeps
 ///   is given back by [`release_free_memory`] (the memory guard calls it when it shrinks).
 ///
-/// Measured on 2 cores (`docs/benchmarks.md`): −11…−13 % step time at 6.3M parameters
-/// from the allocator; the spin limit matters with 2 threads on 2 cores.
+/// Measured on 2 cores (`docs/benchmarks.md`, issue 9): with candle's autograd the allocator
+/// settings took 11–13 % off a 6.3M-parameter step and the spin limit 0 another 10–20 % with
+/// 2 threads on 2 cores (quiet machine); with the fused Llama step they halve the page faults
+/// at 6.3M and cut them by a quarter at 110M. The price is peak RSS: +7…+10 % on the
+/// autograd path with LoRA adapters (`eg_memory`'s `heap_retention` term), ±3 % otherwise.
 ///
 /// # Safety
 ///
