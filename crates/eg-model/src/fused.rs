@@ -234,6 +234,42 @@ fn linear_add<T: Real>(
     Ok(r)
 }
 
+/// For every stacked head `r` and causal row block `[i0, i1)` (queries that see keys `0..i1`
+/// only): `dst[row..row + i1 - i0] = a · b` with `row = r·t + i0`, rows `stride` apart, where
+/// `views(row, i1)` gives `(a, b)`.
+fn below_diagonal<'a, T: Real>(
+    dst: &mut [T],
+    stride: usize,
+    s: &Shapes,
+    views: impl Fn(usize, usize) -> Result<(Mat<'a, T>, Mat<'a, T>)>,
+) -> Result<()> {
+    for r in 0..s.rep() {
+        for &(i0, i1) in &s.blocks() {
+            let row = r * s.t + i0;
+            let (a, b) = views(row, i1)?;
+            gemm::matmul_into(dst, row * stride, stride, a, b, false, false)?;
+        }
+    }
+    Ok(())
+}
+
+/// For every key block `[j0, j1)`: `dst[j0..j1] = Σ_r a_r · b_r` over the stacked heads `r`
+/// (`dst` `[t, hd]`), where `views(r·t + j0, j0, j1)` gives `(a_r, b_r)` over the queries
+/// `j0..t` that can see those keys.
+fn by_key_block<'a, T: Real>(
+    dst: &mut [T],
+    s: &Shapes,
+    views: impl Fn(usize, usize, usize) -> Result<(Mat<'a, T>, Mat<'a, T>)>,
+) -> Result<()> {
+    for &(j0, j1) in &s.blocks() {
+        for r in 0..s.rep() {
+            let (a, b) = views(r * s.t + j0, j0, j1)?;
+            gemm::matmul_into(dst, j0 * s.hd, s.hd, a, b, r > 0, false)?;
+        }
+    }
+    Ok(())
+}
+
 /// Causal attention of one key/value group: `scores = q kᵀ` on the allowed blocks only,
 /// the masked softmax, `ctx = p v` (the same blocks). `q` `[rows, hd]`, `k`/`v` `[t, hd]`.
 fn attention_group<T: Real>(
@@ -246,41 +282,25 @@ fn attention_group<T: Real>(
 ) -> Result<()> {
     let (t, hd) = (s.t, s.hd);
     let mut scores = vec![T::ZERO; s.rows() * t];
-    for r in 0..s.rep() {
-        for &(i0, i1) in &s.blocks() {
-            let row = r * t + i0;
-            gemm::matmul_into(
-                &mut scores,
-                row * t,
-                t,
-                Mat::block(q, row * hd, i1 - i0, hd, hd)?,
-                Mat::block(k, 0, i1, hd, hd)?.t(),
-                false,
-                false,
-            )?;
-        }
-    }
+    below_diagonal(&mut scores, t, s, |row, i1| {
+        Ok((
+            Mat::block(q, row * hd, i1 - row % t, hd, hd)?,
+            Mat::block(k, 0, i1, hd, hd)?.t(),
+        ))
+    })?;
     let causal = ops::Causal {
         q_len: t,
         window: None,
     };
-    let p = ops::softmax_fwd(&scores, t, s.scale, Some(causal));
-    probs.copy_from_slice(&p);
-    for r in 0..s.rep() {
-        for &(i0, i1) in &s.blocks() {
-            let row = r * t + i0;
-            gemm::matmul_into(
-                ctx,
-                row * hd,
-                hd,
-                Mat::block(probs, row * t, i1 - i0, i1, t)?,
-                Mat::block(v, 0, i1, hd, hd)?,
-                false,
-                false,
-            )?;
-        }
-    }
-    Ok(())
+    probs.copy_from_slice(&ops::softmax_fwd(&scores, t, s.scale, Some(causal)));
+    drop(scores);
+    let p: &[T] = probs;
+    below_diagonal(ctx, hd, s, |row, i1| {
+        Ok((
+            Mat::block(p, row * t, i1 - row % t, i1, t)?,
+            Mat::block(v, 0, i1, hd, hd)?,
+        ))
+    })
 }
 
 /// The backward of [`attention_group`]: `(dq, dk, dv)` for one group from `dctx`
@@ -298,70 +318,36 @@ fn attention_group_backward<T: Real>(
     s: &Shapes,
 ) -> Result<()> {
     let (t, hd) = (s.t, s.hd);
-    let blocks = s.blocks();
     // dprobs = dctx vᵀ on the allowed blocks (zero elsewhere: the softmax backward reads the
     // whole row).
     let mut dprobs = vec![T::ZERO; s.rows() * t];
-    for r in 0..s.rep() {
-        for &(i0, i1) in &blocks {
-            let row = r * t + i0;
-            gemm::matmul_into(
-                &mut dprobs,
-                row * t,
-                t,
-                Mat::block(dctx, row * hd, i1 - i0, hd, hd)?,
-                Mat::block(v, 0, i1, hd, hd)?.t(),
-                false,
-                false,
-            )?;
-        }
-    }
-    // dv[j] = Σ_{i ≥ j} p[i, j] dctx[i], by key blocks, summed over the stacked heads.
-    for &(j0, j1) in &blocks {
-        for r in 0..s.rep() {
-            let row = r * t + j0;
-            gemm::matmul_into(
-                dv,
-                j0 * hd,
-                hd,
-                Mat::block(probs, row * t + j0, t - j0, j1 - j0, t)?.t(),
-                Mat::block(dctx, row * hd, t - j0, hd, hd)?,
-                r > 0,
-                false,
-            )?;
-        }
-    }
+    below_diagonal(&mut dprobs, t, s, |row, i1| {
+        Ok((
+            Mat::block(dctx, row * hd, i1 - row % t, hd, hd)?,
+            Mat::block(v, 0, i1, hd, hd)?.t(),
+        ))
+    })?;
+    // dv[j] = Σ_{i ≥ j} p[i, j] dctx[i], summed over the stacked heads.
+    by_key_block(dv, s, |row, j0, j1| {
+        Ok((
+            Mat::block(probs, row * t + j0, t - j0, j1 - j0, t)?.t(),
+            Mat::block(dctx, row * hd, t - j0, hd, hd)?,
+        ))
+    })?;
     let dscores = ops::softmax_bwd(probs, &dprobs, t, s.scale);
     drop(dprobs);
-    for r in 0..s.rep() {
-        for &(i0, i1) in &blocks {
-            let row = r * t + i0;
-            gemm::matmul_into(
-                dq,
-                row * hd,
-                hd,
-                Mat::block(&dscores, row * t, i1 - i0, i1, t)?,
-                Mat::block(k, 0, i1, hd, hd)?,
-                false,
-                false,
-            )?;
-        }
-    }
-    for &(j0, j1) in &blocks {
-        for r in 0..s.rep() {
-            let row = r * t + j0;
-            gemm::matmul_into(
-                dk,
-                j0 * hd,
-                hd,
-                Mat::block(&dscores, row * t + j0, t - j0, j1 - j0, t)?.t(),
-                Mat::block(q, row * hd, t - j0, hd, hd)?,
-                r > 0,
-                false,
-            )?;
-        }
-    }
-    Ok(())
+    below_diagonal(dq, hd, s, |row, i1| {
+        Ok((
+            Mat::block(&dscores, row * t, i1 - row % t, i1, t)?,
+            Mat::block(k, 0, i1, hd, hd)?,
+        ))
+    })?;
+    by_key_block(dk, s, |row, j0, j1| {
+        Ok((
+            Mat::block(&dscores, row * t + j0, t - j0, j1 - j0, t)?.t(),
+            Mat::block(q, row * hd, t - j0, hd, hd)?,
+        ))
+    })
 }
 
 /// Splits `[b, t, n · hd]` into heads `[b, n, t, hd]` and applies RoPE (or its inverse).

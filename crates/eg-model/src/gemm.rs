@@ -115,6 +115,48 @@ fn parallelism(parallel: bool) -> Parallelism {
     }
 }
 
+/// `dst (+)= a · b` through `gemm::gemm` for a row-major destination at `dst` with rows
+/// `stride` apart.
+///
+/// # Safety
+///
+/// `a` and `b` must be checked views (`Mat::check`), `a.cols == b.rows > 0`, and the
+/// `a.rows × b.cols` destination rows must be valid for writes (and reads with `read_dst`)
+/// and overlap neither input.
+unsafe fn call<T: Float>(
+    dst: *mut T,
+    stride: usize,
+    read_dst: bool,
+    a: Mat<'_, T>,
+    b: Mat<'_, T>,
+    parallel: bool,
+) {
+    // SAFETY: the caller's contract is gemm's.
+    unsafe {
+        gemm(
+            a.rows,
+            b.cols,
+            a.cols,
+            dst,
+            1,
+            stride as isize,
+            read_dst,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            parallelism(parallel),
+        );
+    }
+}
+
 /// `dst = a · b` (or `dst += a · b` with `accumulate`) into the row-major block of `dst` at
 /// `offset` with row stride `stride`; `parallel`: on the compute threads (else on the
 /// calling thread, for callers that are already parallel).
@@ -153,26 +195,13 @@ pub(crate) fn matmul_into<T: Float>(
     // two views address (checked above), lie inside their slices; `dst` is borrowed mutably, so
     // it overlaps neither input; gemm reads `dst` only when `read_dst` is set.
     unsafe {
-        gemm(
-            m,
-            n,
-            k,
+        call(
             dst.as_mut_ptr().add(offset),
-            1,
-            stride as isize,
+            stride,
             accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            T::ONE,
-            T::ONE,
-            false,
-            false,
-            false,
-            parallelism(parallel),
+            a,
+            b,
+            parallel,
         );
     }
     Ok(())
@@ -196,27 +225,7 @@ pub(crate) fn matmul<T: Float>(a: Mat<'_, T>, b: Mat<'_, T>, parallel: bool) -> 
     // SAFETY: the views are checked; `out` has capacity for the m × n contiguous result, which
     // gemm writes completely (`read_dst` false, k > 0) before the length is set.
     unsafe {
-        gemm(
-            m,
-            n,
-            a.cols,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            T::ONE,
-            T::ONE,
-            false,
-            false,
-            false,
-            parallelism(parallel),
-        );
+        call(out.as_mut_ptr(), n, false, a, b, parallel);
         out.set_len(m * n);
     }
     Ok(out)
