@@ -9,9 +9,9 @@
 //! second thread pool that competes with gemm's on a small machine. Profiled at 6.3M/110M
 //! parameters on two cores, that machinery was 15–25% of a step. [`Llama::fused_step`]
 //! computes the same function with the same kernels, but its backward is written out by
-//! hand: one `gemm` call per gradient (through [`crate::gemm`]: outputs not zero-filled,
-//! sums such as `dq·Wq + dk·Wk + dv·Wv` and the residual adds accumulated by the products
-//! themselves), the element-wise backward kernels of [`crate::ops`] (parallel over rows), the
+//! hand: one `gemm` call per gradient (through the crate's `gemm` wrapper: outputs not
+//! zero-filled, sums such as `dq·Wq + dk·Wk + dv·Wv` and the residual adds accumulated by the
+//! products themselves), the element-wise backward kernels of [`crate::ops`] (parallel over rows), the
 //! cross entropy's gradient written over the logits (one exponential per logit), causal
 //! attention computed on the blocks below the diagonal only (in 32- or 64-row blocks, each
 //! key/value group on its own thread), and each layer's saved activations dropped as soon as
@@ -31,8 +31,9 @@
 //!
 //! Full training of a Llama-family model in f32 or f64 on the CPU, with or without activation
 //! checkpointing (then only each layer's input is kept and the layer is recomputed in the
-//! backward, bitwise the same gradients): no LoRA adapters, no mixed precision, no biases (Qwen2's q/k/v biases), no
-//! sliding window shorter than the sequence, no chunked attention and no document masks.
+//! backward, bitwise the same gradients): no LoRA adapters, no mixed precision, no biases
+//! (Qwen2's q/k/v biases), no sliding window shorter than the sequence, no chunked attention
+//! and no document masks.
 //! [`Llama::fused_step_unavailable`] says which of these blocks it; callers fall back to the
 //! autograd path, which covers all of them.
 
