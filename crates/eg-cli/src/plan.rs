@@ -139,7 +139,51 @@ pub(crate) fn profile_of(
         lora_activation_elems_per_token_per_rank: l * targeted.len() as u64,
         forward_flops_per_token: a1.forward_flops_per_token.saturating_sub(flops_per_pos * s),
         forward_flops_per_token_per_position: flops_per_pos,
+        fused: fused_step_applies(cfg, seq_len, chunked).then(|| fused_profile(cfg)),
     })
+}
+
+/// Whether `eg train` runs eg-model's fused training step (`Llama::fused_step`) for full
+/// training in f32 of `cfg` at `seq_len`: the model-side conditions of
+/// `Llama::fused_step_unavailable` (no sliding window shorter than the sequence, no chunked
+/// attention, no projection biases). The setup-side ones (no LoRA, f32 compute) are
+/// checked by the memory model itself ([`ModelProfile::fused`]).
+pub(crate) fn fused_step_applies(cfg: &LlamaConfig, seq_len: usize, chunked: bool) -> bool {
+    let window_shorter = cfg.attention_window().is_some_and(|w| w < seq_len);
+    !window_shorter && !chunked && !cfg.qkv_bias() && !cfg.o_bias()
+}
+
+/// What eg-model's fused training step keeps and allocates per token, counted from
+/// `crates/eg-model/src/fused.rs` (`h` hidden, `i` intermediate, `nh`/`nkv` query and
+/// key/value heads of width `hd`):
+///
+/// - per block (`Saved`): the input, both norms' outputs and the attention residual
+///   (`4h`), the rotated queries and the merged attention output (`2·nh·hd`), keys and
+///   values (`2·nkv·hd`), gate, up and their SwiGLU (`3i`); per position the attention
+///   probabilities (`nh`);
+/// - outside the blocks: the final hidden state and its norm (`2h`) and the logits (`V`),
+///   whose gradient overwrites them;
+/// - transient, the larger phase of `layer_backward` plus the incoming gradient `h`: the
+///   MLP's (`d_act` with SwiGLU's two-wide gradient, `3i`, and `dhs2`, `h`) or the
+///   attention's (`dx1`, `dhs1`, `2h`; `dq`/`dk`/`dv` and their un-rotated copies,
+///   `2·(nh + 2·nkv)·hd`); per position one probability gradient per query group of a
+///   sequence (`nh / nkv`: the groups run on the compute threads, at most about one
+///   sequence's worth at a time on a small machine).
+pub(crate) fn fused_profile(cfg: &LlamaConfig) -> mem::FusedProfile {
+    let h = cfg.hidden_size as u64;
+    let i = cfg.intermediate_size as u64;
+    let nh = cfg.num_attention_heads as u64;
+    let nkv = (cfg.num_kv_heads() as u64).max(1);
+    let hd = cfg.head_dim() as u64;
+    let mlp = 3 * i + h;
+    let attn = 2 * h + 2 * (nh + 2 * nkv) * hd;
+    mem::FusedProfile {
+        block_activation_elems_per_token: 4 * h + 2 * nh * hd + 2 * nkv * hd + 3 * i,
+        block_activation_elems_per_token_per_position: nh,
+        head_activation_elems_per_token: 2 * h + cfg.vocab_size as u64,
+        transient_elems_per_token: h + mlp.max(attn),
+        transient_elems_per_token_per_position: nh.div_ceil(nkv),
+    }
 }
 
 /// The Llama configuration of the configured model, and a label for it.
@@ -192,12 +236,17 @@ pub(crate) fn run(args: PlanArgs) -> anyhow::Result<std::process::ExitCode> {
         Some(l) => l.targets.clone(),
         None => DEFAULT_LORA_TARGETS.iter().map(|s| s.to_string()).collect(),
     };
-    let profile = profile_of(
+    let mut profile = profile_of(
         &lc,
         cfg.data.seq_len.0 as usize,
         &targets,
         uses_chunked_attention(&cfg, &lc),
     )?;
+    // Only pre-training's causal LM takes the fused step (SFT's packed rows need document
+    // masks; DPO and classification have their own objectives).
+    if cfg.train.mode != config::wire::Mode::Pretrain {
+        profile.fused = None;
+    }
 
     let storage = match &cfg.memory.offload {
         config::Offload::Disk(d) => d.clone(),
@@ -395,5 +444,52 @@ mod tests {
         // q_proj 128→128, v_proj 128→64, 4 layers.
         assert_eq!(p.lora_params_per_rank, 4 * ((128 + 128) + (128 + 64)));
         p.validate().unwrap();
+    }
+
+    #[test]
+    fn fused_counts_of_small_llama_by_hand() {
+        // small-llama: h 256, i 688, 8 heads / 4 KV heads of 32, byte vocabulary 257.
+        let cfg = model::builtin::config("small-llama", 257, 512).unwrap();
+        let f = fused_profile(&cfg);
+        // x, hs1, x1, hs2 (4·256) + q, attn (2·8·32) + k, v (2·4·32) + gate, up, act (3·688).
+        assert_eq!(f.block_activation_elems_per_token, 1024 + 512 + 256 + 2064);
+        // The probabilities: one per head and position.
+        assert_eq!(f.block_activation_elems_per_token_per_position, 8);
+        // x, xf and the logits.
+        assert_eq!(f.head_activation_elems_per_token, 512 + 257);
+        // dy + max(MLP 3·688 + 256 = 2320, attention 2·256 + 2·(8 + 8)·32 = 1536).
+        assert_eq!(f.transient_elems_per_token, 256 + 2320);
+        assert_eq!(f.transient_elems_per_token_per_position, 2);
+        let p = profile_of(&cfg, 256, &[], false).unwrap();
+        assert_eq!(p.fused, Some(f));
+        // Chunked attention runs candle's autograd: no fused counts.
+        assert_eq!(profile_of(&cfg, 256, &[], true).unwrap().fused, None);
+    }
+
+    #[test]
+    fn fused_decision_agrees_with_the_model() {
+        use candle_core::{DType, Device};
+        use model::attention::AttentionKind;
+        let base = model::builtin::config("micro-llama", 64, 64).unwrap();
+        let mut window = base.clone();
+        window.model_type = model::ModelType::Mistral;
+        window.sliding_window = Some(16);
+        let mut biased = base.clone();
+        biased.model_type = model::ModelType::Qwen2;
+        let cases = [
+            (&base, 32, AttentionKind::Auto, true),
+            (&base, 32, AttentionKind::Chunked, false),
+            (&window, 32, AttentionKind::Auto, false),
+            (&window, 16, AttentionKind::Auto, true),
+            (&biased, 32, AttentionKind::Auto, false),
+        ];
+        for (cfg, seq, kind, expected) in cases {
+            let mut m = model::Llama::init(cfg, 1, DType::F32, &Device::Cpu).unwrap();
+            m.set_attention(kind);
+            let chunked = kind.use_chunked(seq, cfg.attention_window());
+            let ours = fused_step_applies(cfg, seq, chunked);
+            assert_eq!(ours, expected, "{:?} {seq} {kind:?}", cfg.model_type);
+            assert_eq!(ours, m.fused_step_unavailable(seq).is_none(), "{kind:?}");
+        }
     }
 }

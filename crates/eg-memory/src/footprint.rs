@@ -81,6 +81,35 @@ pub struct ModelProfile {
     pub forward_flops_per_token: u64,
     /// Forward FLOPs per token per position of context (attention's two matrix products).
     pub forward_flops_per_token_per_position: u64,
+    /// The activation counts of the model's fused training step (a hand-written backward
+    /// that keeps fewer tensors than candle's autograd), when the model takes it at this
+    /// sequence length for full training in f32 (eg-model's `Llama::fused_step`). `None`
+    /// (the default): every setup runs the autograd path described by `blocks` and
+    /// `head_activation_elems_per_token`. Used only for full fine-tuning in f32: adapters
+    /// and mixed precision run the autograd path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fused: Option<FusedProfile>,
+}
+
+/// What a fused training step keeps and allocates, in elements per token (see
+/// [`ModelProfile::fused`]). Every block is alike (the fused step exists for uniform
+/// decoder stacks), so one block's counts stand for all `blocks.len()` of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FusedProfile {
+    /// Elements per token one block keeps for the backward, independent of the context.
+    pub block_activation_elems_per_token: u64,
+    /// Elements per token per position of context one block keeps (the attention
+    /// probabilities: one per head).
+    pub block_activation_elems_per_token_per_position: u64,
+    /// Elements per token kept outside the blocks (final hidden state, its norm, the
+    /// logits, whose gradient overwrites them).
+    pub head_activation_elems_per_token: u64,
+    /// Elements per token alive only during the backward, at its largest (the gradients of
+    /// the activations of the block being back-propagated, the incoming gradient).
+    pub transient_elems_per_token: u64,
+    /// Transient elements per token per position of context (attention's per-group
+    /// probability gradients).
+    pub transient_elems_per_token_per_position: u64,
 }
 
 impl ModelProfile {
@@ -358,9 +387,10 @@ pub struct Setup {
 /// - **step phase** (forward and backward of one micro-batch): `gradients`, `activations`,
 ///   `transient`, `checkpoint_in_flight`, `heap_retention`;
 /// - **checkpoint phase** (writing a checkpoint, after the step's tensors are freed):
-///   `checkpoint_buffers`.
+///   `checkpoint_buffers`;
+/// - **evaluation** (with a fused training step only): `evaluation`.
 ///
-/// `peak = persistent + max(step phase, checkpoint phase)`.
+/// `peak = persistent + max(step phase, checkpoint phase, evaluation)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Estimate {
     /// Weights used in compute. Full fine-tuning and LoRA: `P·c`. QLoRA: `⌈Q/2⌉` NF4 bytes
@@ -393,19 +423,25 @@ pub struct Estimate {
     /// mixed precision ([`Precision::activation_half_bytes`]). Without checkpointing:
     /// `n·(Σ_blocks (a_b + p_b·s) + head + r·lora_act)`. With checkpointing: the block inputs
     /// `n·L·hidden`, plus one block's full activations during its recompute
-    /// `n·max_b (a_b + p_b·s)`, plus `n·(head + r·lora_act)`.
+    /// `n·max_b (a_b + p_b·s)`, plus `n·(head + r·lora_act)`. With a fused step
+    /// ([`ModelProfile::fused`], full training in f32) its counts `a_f`, `p_f`, `H_f`
+    /// replace them: `n·(L·(a_f + p_f·s) + H_f)·4`, with checkpointing
+    /// `n·(L·hidden + a_f + p_f·s + H_f)·4`.
     pub activations: Bytes,
     /// Short-lived buffers at the peak, `·t` with `t` = 4 bytes in f32 and 6 under mixed
     /// precision ([`Precision::transient_bytes`]): the logits' gradient `n·vocab`, the
     /// activation gradients of the block being back-propagated `n·max_b (a_b + p_b·s)`, one
     /// more score-sized tensor `n·(max_b p_b / 2)·s` (the softmax backward makes the incoming
     /// gradient contiguous; `p_b` counts scores and probabilities, hence the half), and
-    /// under QLoRA one dequantized matrix `largest·c`.
+    /// under QLoRA one dequantized matrix `largest·c`. With a fused step:
+    /// `n·(t_f + t_p·s)·4` from [`FusedProfile`] (its logits' gradient overwrites the
+    /// logits, which the activations count).
     pub transient: Bytes,
     /// Copies a background checkpoint writer holds while the next steps run:
-    /// [`MemoryModel::in_flight_copies`]` × (T·4 + slots·T·4)`. 0 with eg-kernel, whose
-    /// writer shares the rollback snapshot (under disk offload the state part is 0: the
-    /// writer streams it from the offload store's snapshot files).
+    /// [`MemoryModel::in_flight_copies`]` × (T·4 + slots·T·4)`. 1 with eg-kernel: the
+    /// snapshot a checkpoint writes is copied into the spare snapshot's buffers on a
+    /// background thread while the next step runs (under disk offload the state part is 0:
+    /// the writer streams it from the offload store's snapshot files).
     pub checkpoint_in_flight: Bytes,
     /// Freed buffers the allocator keeps resident during the step (heap fragmentation under
     /// the allocator settings of `eg_kernel::tune_process`, whose mmap threshold keeps every
@@ -419,13 +455,26 @@ pub struct Estimate {
     /// snapshot while the old one is still alive: one copy); the state part is 0 under disk
     /// offload.
     pub checkpoint_buffers: Bytes,
-    /// The predicted peak: persistent terms + the larger of the two phases.
+    /// Evaluation phase, with a fused step only ([`ModelProfile::fused`]): eg-kernel
+    /// evaluates with the same micro-batch through the model's ordinary forward, whose
+    /// candle graph keeps the autograd path's activations (the autograd
+    /// [`Estimate::activations`] formula) until the loss is dropped, while a background
+    /// checkpoint copy may still run ([`Estimate::checkpoint_in_flight`]). Without a fused
+    /// step the training step keeps the same activations and more, and this term is 0.
+    /// Plus [`MemoryModel::adapter_heap_retention_permille`] ‰ of those activations: the
+    /// allocator's retention of freed buffers on candle's path, as with adapters (measured:
+    /// the evaluation peaks of the 2026-11-29 grid are 7–9 % above the activation formula
+    /// without checkpointing).
+    #[serde(default = "zero_bytes")]
+    pub evaluation: Bytes,
+    /// The predicted peak: persistent terms + the largest of the phases (step,
+    /// checkpoint, evaluation).
     pub peak: Bytes,
 }
 
 impl Estimate {
     /// The terms with their names, in order (without `peak`).
-    pub fn terms(&self) -> [(&'static str, Bytes); 13] {
+    pub fn terms(&self) -> [(&'static str, Bytes); 14] {
         [
             ("weights", self.weights),
             ("adapter_weights", self.adapter_weights),
@@ -440,6 +489,7 @@ impl Estimate {
             ("checkpoint_in_flight", self.checkpoint_in_flight),
             ("heap_retention", self.heap_retention),
             ("checkpoint_buffers", self.checkpoint_buffers),
+            ("evaluation", self.evaluation),
         ]
     }
 
@@ -506,7 +556,9 @@ pub struct MemoryModel {
     /// Extra copies a background checkpoint writer holds while training goes on.
     pub in_flight_copies: u32,
     /// Per mille of the step phase (`gradients + activations + transient`) the allocator
-    /// keeps resident as fragmentation with LoRA adapters ([`Estimate::heap_retention`]).
+    /// keeps resident as fragmentation with LoRA adapters ([`Estimate::heap_retention`]);
+    /// also applied to the evaluation phase's activations ([`Estimate::evaluation`]), which
+    /// run the same candle path.
     #[serde(default)]
     pub adapter_heap_retention_permille: u32,
 }
@@ -514,8 +566,8 @@ pub struct MemoryModel {
 impl Default for MemoryModel {
     /// eg-kernel's trainer as measured in `docs/memory.md`: 32 MiB runtime overhead (`eg
     /// train` of a 0.03M-parameter model peaks at 26 MiB), 64 MiB offload window, a rollback
-    /// snapshot shared with the checkpoint writer (no in-flight copy), one extra copy while
-    /// a checkpoint is captured.
+    /// snapshot, one copy filled on a background thread while the next step runs (the
+    /// spare snapshot), one extra copy while a checkpoint is captured.
     fn default() -> Self {
         MemoryModel {
             // Measured with the release `eg` (the whole run of `micro-llama` is 30 MiB;
@@ -524,7 +576,11 @@ impl Default for MemoryModel {
             offload_window: Bytes(64 << 20),
             rollback_snapshot: true,
             checkpoint_copies: 1,
-            in_flight_copies: 0,
+            // Since eg-kernel 72eb5c8 a checkpoint's snapshot is copied on a background
+            // thread while the next step runs: the rollback snapshot and the spare being
+            // filled (`Trainer::start_snapshot_copy` / `settle_snapshot`) are both resident
+            // during the step.
+            in_flight_copies: 1,
             // glibc with `eg_kernel::tune_process`'s settings (mmap threshold 32 MiB, no
             // trimming), measured 2026-11-29 on the grid of docs/memory.md: LoRA / QLoRA
             // rank 16 on small-llama peak 36–46 MiB (7–12 % of the step phase) above glibc's
@@ -662,6 +718,44 @@ impl MemoryModel {
             setup.precision.transient_bytes(),
         )
         .saturating_add(dequant);
+        // Full training in f32 with a fused step: its own counts replace the autograd ones.
+        let fused = profile
+            .fused
+            .filter(|_| setup.adapters == Adapters::None && setup.precision == Precision::F32);
+        let evaluation = match fused {
+            None => 0,
+            Some(_) => {
+                let in_flight = mul(
+                    u64::from(self.in_flight_copies),
+                    f32_params.saturating_add(state_in_ram),
+                );
+                // The allocator's retention on candle's path, as with adapters.
+                let retained =
+                    mul(activations, u64::from(self.adapter_heap_retention_permille)) / 1000;
+                in_flight
+                    .saturating_add(activations)
+                    .saturating_add(retained)
+            }
+        };
+        let (activations, transient) = match fused {
+            None => (activations, transient),
+            Some(f) => {
+                let block = f
+                    .block_activation_elems_per_token
+                    .saturating_add(mul(f.block_activation_elems_per_token_per_position, s));
+                let blocks = profile.blocks.len() as u64;
+                let kept = if setup.checkpointing {
+                    mul(blocks, profile.hidden_size).saturating_add(block)
+                } else {
+                    mul(blocks, block)
+                }
+                .saturating_add(f.head_activation_elems_per_token);
+                let short = f
+                    .transient_elems_per_token
+                    .saturating_add(mul(f.transient_elems_per_token_per_position, s));
+                (mul(mul(n, kept), F32_BYTES), mul(mul(n, short), F32_BYTES))
+            }
+        };
 
         // Under disk offload the state's snapshot is a copy of the offload files and the
         // checkpoint writer streams it from there (pieces of 4 MiB): no state in RAM.
@@ -703,12 +797,13 @@ impl MemoryModel {
             checkpoint_in_flight: Bytes(checkpoint_in_flight),
             heap_retention: Bytes(heap_retention),
             checkpoint_buffers: Bytes(checkpoint_buffers),
+            evaluation: Bytes(evaluation),
             peak: Bytes(0),
         };
         e.peak = Bytes(
             e.persistent()
                 .0
-                .saturating_add(e.step_phase().0.max(checkpoint_buffers)),
+                .saturating_add(e.step_phase().0.max(checkpoint_buffers).max(evaluation)),
         );
         Ok(e)
     }
@@ -747,6 +842,7 @@ mod tests {
             lora_activation_elems_per_token_per_rank: 10,
             forward_flops_per_token: 2_000_000,
             forward_flops_per_token_per_position: 1_000,
+            fused: None,
         }
     }
 
@@ -984,6 +1080,88 @@ mod tests {
         assert_eq!(e.rollback_snapshot, Bytes(4_000_000));
         assert_eq!(e.checkpoint_buffers, Bytes(12_000_000));
         assert_eq!(e.checkpoint_in_flight, Bytes(0));
+    }
+
+    /// The toy profile with a fused step.
+    fn toy_fused() -> ModelProfile {
+        ModelProfile {
+            fused: Some(FusedProfile {
+                block_activation_elems_per_token: 500,
+                block_activation_elems_per_token_per_position: 4,
+                head_activation_elems_per_token: 300,
+                transient_elems_per_token: 700,
+                transient_elems_per_token_per_position: 2,
+            }),
+            ..toy()
+        }
+    }
+
+    #[test]
+    fn fused_step_counts_replace_autograd_for_full_f32() {
+        let m = zero_overhead();
+        let e = m.estimate(&toy_fused(), &setup()).unwrap();
+        // n = 200: 200 · (4 blocks · (500 + 4·100) + 300) · 4.
+        assert_eq!(e.activations, Bytes(3_120_000));
+        // 200 · (700 + 2·100) · 4: no logits' gradient of its own (it overwrites them).
+        assert_eq!(e.transient, Bytes(720_000));
+        // Evaluation keeps the autograd activations (the worked example's 6.24e6).
+        assert_eq!(e.evaluation, Bytes(6_240_000));
+        // Persistent 16e6 + max(step 4e6 + 3.12e6 + 0.72e6, evaluation 6.24e6).
+        assert_eq!(e.peak, Bytes(16_000_000 + 7_840_000));
+        // Checkpointing: 4 block inputs of 100 + one block + head.
+        let ck = Setup {
+            checkpointing: true,
+            ..setup()
+        };
+        let e = m.estimate(&toy_fused(), &ck).unwrap();
+        assert_eq!(e.activations, Bytes(200 * (400 + 900 + 300) * 4));
+        // With the in-flight copy and the allocator's retention on the evaluation.
+        let m2 = MemoryModel {
+            in_flight_copies: 1,
+            adapter_heap_retention_permille: 100,
+            ..zero_overhead()
+        };
+        let e = m2.estimate(&toy_fused(), &setup()).unwrap();
+        assert_eq!(e.evaluation, Bytes(12_000_000 + 6_240_000 + 624_000));
+        // Adapters and mixed precision run the autograd path: the fused counts are ignored.
+        for s in [
+            Setup {
+                adapters: Adapters::Lora {
+                    rank: 4,
+                    base: BaseFormat::Full,
+                },
+                ..setup()
+            },
+            Setup {
+                precision: Precision::Bf16,
+                ..setup()
+            },
+        ] {
+            let fused = m.estimate(&toy_fused(), &s).unwrap();
+            assert_eq!(fused, m.estimate(&toy(), &s).unwrap());
+            assert_eq!(fused.evaluation, Bytes(0));
+        }
+    }
+
+    #[test]
+    fn older_profiles_and_estimates_deserialize() {
+        let mut v = serde_json::to_value(toy_fused()).unwrap();
+        assert!(v.get("fused").is_some());
+        v.as_object_mut().unwrap().remove("fused");
+        let p: ModelProfile = serde_json::from_value(v).unwrap();
+        assert_eq!(p, toy());
+        // Without a fused step the field is not written.
+        assert!(serde_json::to_value(toy()).unwrap().get("fused").is_none());
+        let e = zero_overhead().estimate(&toy(), &setup()).unwrap();
+        let mut v = serde_json::to_value(e).unwrap();
+        v.as_object_mut().unwrap().remove("evaluation");
+        let back: Estimate = serde_json::from_value(v).unwrap();
+        assert_eq!(back, e);
+    }
+
+    #[test]
+    fn default_model_counts_the_background_snapshot_copy() {
+        assert_eq!(MemoryModel::default().in_flight_copies, 1);
     }
 
     #[test]

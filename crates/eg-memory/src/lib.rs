@@ -68,6 +68,7 @@
 //!     lora_activation_elems_per_token_per_rank: 16,
 //!     forward_flops_per_token: 20_000_000,
 //!     forward_flops_per_token_per_position: 16_000,
+//!     fused: None,
 //! };
 //! let request = PlanRequest {
 //!     profile,
@@ -109,8 +110,8 @@ pub mod pressure;
 pub use controller::{Action, Controller, ControllerConfig, Decision, Hints};
 pub use error::{Error, Result, Suggestion};
 pub use footprint::{
-    Adapters, BaseFormat, BlockProfile, Estimate, MemoryModel, ModelProfile, OffloadKind,
-    Optimizer, Precision, Setup,
+    Adapters, BaseFormat, BlockProfile, Estimate, FusedProfile, MemoryModel, ModelProfile,
+    OffloadKind, Optimizer, Precision, Setup,
 };
 pub use guard::{GuardConfig, GuardState, MemoryGuard, Poll};
 pub use planner::{

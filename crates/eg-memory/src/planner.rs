@@ -699,6 +699,7 @@ mod tests {
             lora_activation_elems_per_token_per_rank: 16,
             forward_flops_per_token: 20_000_000,
             forward_flops_per_token_per_position: 16_000,
+            fused: None,
         }
     }
 

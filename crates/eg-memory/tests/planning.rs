@@ -62,6 +62,7 @@ fn profile_110m() -> ModelProfile {
         lora_activation_elems_per_token_per_rank: 12 * 2,
         forward_flops_per_token: 2 * (12 * (4 * h * h + 3 * h * i) + v * h),
         forward_flops_per_token_per_position: 12 * 4 * h,
+        fused: None,
     }
 }
 

@@ -73,7 +73,14 @@ pub(super) fn setup(
     let chunked = model
         .attention()
         .use_chunked(seq, model.config().attention_window());
-    let profile = crate::plan::profile_of(model.config(), seq, &targets, chunked)?;
+    let mut profile = crate::plan::profile_of(model.config(), seq, &targets, chunked)?;
+    // The fused step's counts only when this run takes it: eg-model decides (adapters,
+    // precision, attention, biases) and only pre-training's causal LM uses it (SFT's packed
+    // rows need document masks).
+    if cfg.train.mode != config::wire::Mode::Pretrain || model.fused_step_unavailable(seq).is_some()
+    {
+        profile.fused = None;
+    }
     let report = hw::Detector::new(hw::Root::host())
         .gpu(hw::GpuQuery::Skip)
         .detect();
