@@ -319,7 +319,9 @@ fn real_oom_hog_beside_the_job() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
     let cg = Cgroup::new("hog", 900 * MIB);
-    let steps = 16;
+    // Long enough for the hog to grow past the job's room: with the fused step 16 updates
+    // took about 6 s, over before the hog (16 MiB/s) forced anything.
+    let steps = 64;
     let job = cg.spawn(&eg, &train_args(&run, steps, &[]), Stdio::null());
     // Wait for the third update (the first is the guard's probe at micro-batch 1, the
     // next ones run at the micro-batch it settled on), then start the hog (up to 576 MiB: at
