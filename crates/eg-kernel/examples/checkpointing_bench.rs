@@ -23,13 +23,13 @@
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{cpu_secs, load1, status_kb};
+use common::{adamw, cpu_secs, load1, status_kb};
 use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use eg_data::{InMemoryDataset, Loader, LoaderOptions, Placement};
-use eg_kernel::{Optimizer, OptimizerKind, Schedule, TrainModel, Trainer, TrainerOptions};
+use eg_kernel::{Schedule, TrainModel, Trainer, TrainerOptions};
 use eg_model::{Llama, LlamaConfig};
 
 fn main() {
@@ -97,17 +97,7 @@ fn main() {
         ..LoaderOptions::default()
     };
     let mut loader = Loader::new(data, lo, Placement::SINGLE).unwrap();
-    let shapes: Vec<_> = model
-        .named_params()
-        .iter()
-        .map(|(n, v)| (n.clone(), v.dims().to_vec()))
-        .collect();
-    let kind = OptimizerKind::AdamW {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-    };
-    let mut opt = Optimizer::new(kind, 0.0, &shapes).unwrap();
+    let mut opt = adamw(&model);
     let cpu0 = cpu_secs();
     let start = Instant::now();
     let mut losses = Vec::new();

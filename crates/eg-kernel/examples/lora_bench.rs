@@ -17,13 +17,11 @@
 
 #[path = "common/mod.rs"]
 mod common;
-use common::status_kb;
-use std::sync::Arc;
+use common::{adamw, bench_options, status_kb, synthetic_loader};
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use eg_data::{InMemoryDataset, Loader, LoaderOptions, Placement};
-use eg_kernel::{Optimizer, OptimizerKind, Schedule, TrainModel, Trainer, TrainerOptions};
+use eg_kernel::Trainer;
 use eg_model::{Llama, LlamaConfig, LoraConfig, QuantKind};
 
 const SEQ: usize = 256;
@@ -86,38 +84,9 @@ fn main() {
     // not the dense f32 initialisation's before quantization.
     let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
     let rss_trained_from = status_kb("VmRSS:");
-    let docs = (0..2000u32).map(|i| {
-        (0..(50 + i % 300))
-            .map(|j| (i.wrapping_mul(2_654_435_761) ^ j.wrapping_mul(40_503)) % 31_000 + 1)
-            .collect::<Vec<u32>>()
-    });
-    let data = Arc::new(InMemoryDataset::from_docs(docs));
-    let lo = LoaderOptions {
-        seq_len: SEQ,
-        rows_per_step: rows,
-        eos_id: Some(0),
-        seed: 1,
-        ..LoaderOptions::default()
-    };
-    let loader = Loader::new(data, lo, Placement::SINGLE).unwrap();
-    let shapes: Vec<_> = model
-        .named_params()
-        .iter()
-        .map(|(n, v)| (n.clone(), v.dims().to_vec()))
-        .collect();
-    let kind = OptimizerKind::AdamW {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-    };
-    let opt = Optimizer::new(kind, 0.0, &shapes).unwrap();
-    let o = TrainerOptions {
-        max_steps: steps,
-        micro_batch_rows: rows,
-        schedule: Schedule::constant(1e-4),
-        spike: None,
-        ..TrainerOptions::default()
-    };
+    let loader = synthetic_loader(SEQ, rows);
+    let opt = adamw(&model);
+    let o = bench_options(steps, rows);
     let mut t = Trainer::new(model, opt, loader, o).unwrap();
     let start = Instant::now();
     let r = t.fit().unwrap();

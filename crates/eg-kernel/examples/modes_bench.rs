@@ -13,7 +13,7 @@
 
 #[path = "common/mod.rs"]
 mod common;
-use common::cpu_secs;
+use common::{adamw, bench_options, cpu_secs};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,10 +22,7 @@ use eg_data::{
     InMemoryDataset, Loader, LoaderOptions, Packing, PairDataset, PairLoader, PairLoaderOptions,
     Placement, PreferencePair,
 };
-use eg_kernel::{
-    CausalLm, Dpo, Objective, Optimizer, OptimizerKind, Schedule, TrainModel, Trainer,
-    TrainerOptions,
-};
+use eg_kernel::{CausalLm, Dpo, Objective, Trainer, TrainerOptions};
 use eg_model::{Llama, LoraConfig};
 
 #[global_allocator]
@@ -53,29 +50,13 @@ fn model(lora: bool) -> Llama {
 }
 
 fn opts(steps: u64) -> TrainerOptions {
-    TrainerOptions {
-        max_steps: steps,
-        micro_batch_rows: ROWS,
-        schedule: Schedule::constant(1e-4),
-        spike: None,
-        ..TrainerOptions::default()
-    }
+    bench_options(steps, ROWS)
 }
 
 fn trainer(variant: &str, steps: u64) -> Trainer<Llama> {
     let lora = variant.ends_with("-lora");
     let m = model(lora);
-    let shapes: Vec<_> = m
-        .named_params()
-        .iter()
-        .map(|(n, v)| (n.clone(), v.dims().to_vec()))
-        .collect();
-    let kind = OptimizerKind::AdamW {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-    };
-    let opt = Optimizer::new(kind, 0.0, &shapes).unwrap();
+    let opt = adamw(&m);
     if variant.starts_with("dpo") {
         let mut d = PairDataset::new();
         for i in 0..256u64 {

@@ -21,16 +21,15 @@
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{cpu_secs, load1, status_kb};
+use common::{ADAMW, bench_options, cpu_secs, load1, param_shapes, status_kb, synthetic_loader};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use eg_data::{InMemoryDataset, Loader, LoaderOptions, Placement};
 use eg_kernel::{
-    Callback, DiskStore, DiskStoreOptions, Optimizer, OptimizerKind, RamStore, Schedule,
-    StateStore, StepMetrics, TrainModel, Trainer, TrainerOptions,
+    Callback, DiskStore, DiskStoreOptions, Optimizer, RamStore, StateStore, StepMetrics, Trainer,
+    TrainerOptions,
 };
 use eg_memory::offload::Flush;
 use eg_model::{Llama, LlamaConfig};
@@ -80,30 +79,8 @@ fn main() {
     // Reset the peak so the figure is the training's own (Linux: "5" to clear_refs).
     let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
     let rss_start = status_kb("VmRSS:");
-    let docs = (0..2000u32).map(|i| {
-        (0..(50 + i % 300))
-            .map(|j| (i.wrapping_mul(2_654_435_761) ^ j.wrapping_mul(40_503)) % 31_000 + 1)
-            .collect::<Vec<u32>>()
-    });
-    let data = Arc::new(InMemoryDataset::from_docs(docs));
-    let lo = LoaderOptions {
-        seq_len: SEQ,
-        rows_per_step: rows,
-        eos_id: Some(0),
-        seed: 1,
-        ..LoaderOptions::default()
-    };
-    let loader = Loader::new(data, lo, Placement::SINGLE).unwrap();
-    let shapes: Vec<_> = model
-        .named_params()
-        .iter()
-        .map(|(n, v)| (n.clone(), v.dims().to_vec()))
-        .collect();
-    let kind = OptimizerKind::AdamW {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-    };
+    let loader = synthetic_loader(SEQ, rows);
+    let shapes = param_shapes(&model);
     let store: Box<dyn StateStore> = match mode.as_str() {
         "ram" => Box::new(RamStore::new()),
         "disk" | "eager" => {
@@ -120,13 +97,9 @@ fn main() {
         }
         other => panic!("unknown store {other:?}: ram, disk or eager"),
     };
-    let opt = Optimizer::with_store(kind, 0.01, &shapes, store).unwrap();
+    let opt = Optimizer::with_store(ADAMW, 0.01, &shapes, store).unwrap();
     let state_bytes = 2 * 4 * params as u64;
     let o = TrainerOptions {
-        max_steps: steps,
-        micro_batch_rows: rows,
-        schedule: Schedule::constant(1e-4),
-        spike: None,
         checkpoints: (ckpt_every > 0).then(|| eg_kernel::CheckpointOptions {
             dir: dir.join("checkpoints"),
             every: ckpt_every,
@@ -135,7 +108,7 @@ fn main() {
             background: true,
         }),
         snapshot_every: ckpt_every,
-        ..TrainerOptions::default()
+        ..bench_options(steps, rows)
     };
     let mut t = Trainer::new(model, opt, loader, o).unwrap();
     let rec = Record::default();

@@ -32,3 +32,58 @@ pub(crate) fn load1() -> String {
         .and_then(|s| s.split_whitespace().next().map(str::to_string))
         .unwrap_or_default()
 }
+
+use std::sync::Arc;
+
+use eg_data::{InMemoryDataset, Loader, LoaderOptions, Placement};
+use eg_kernel::{Optimizer, OptimizerKind, Schedule, TrainModel, TrainerOptions};
+
+/// The benchmarks' AdamW (β 0.9 / 0.95, eps 1e-8).
+pub(crate) const ADAMW: OptimizerKind = OptimizerKind::AdamW {
+    beta1: 0.9,
+    beta2: 0.95,
+    eps: 1e-8,
+};
+
+/// Name and shape of every trainable parameter of `m`.
+pub(crate) fn param_shapes<M: TrainModel>(m: &M) -> Vec<(String, Vec<usize>)> {
+    m.named_params()
+        .iter()
+        .map(|(n, v)| (n.clone(), v.dims().to_vec()))
+        .collect()
+}
+
+/// [`ADAMW`] without weight decay over `m`'s parameters, state in RAM.
+pub(crate) fn adamw<M: TrainModel>(m: &M) -> Optimizer {
+    Optimizer::new(ADAMW, 0.0, &param_shapes(m)).unwrap()
+}
+
+/// A loader of `rows` rows of `seq` tokens over 2000 synthetic documents of 50–349 ids in
+/// `1..=31000` (EOS 0, seed 1).
+pub(crate) fn synthetic_loader(seq: usize, rows: usize) -> Loader {
+    let docs = (0..2000u32).map(|i| {
+        (0..(50 + i % 300))
+            .map(|j| (i.wrapping_mul(2_654_435_761) ^ j.wrapping_mul(40_503)) % 31_000 + 1)
+            .collect::<Vec<u32>>()
+    });
+    let data = Arc::new(InMemoryDataset::from_docs(docs));
+    let lo = LoaderOptions {
+        seq_len: seq,
+        rows_per_step: rows,
+        eos_id: Some(0),
+        seed: 1,
+        ..LoaderOptions::default()
+    };
+    Loader::new(data, lo, Placement::SINGLE).unwrap()
+}
+
+/// `steps` updates of one `rows`-row micro-batch at a constant 1e-4, no spike detection.
+pub(crate) fn bench_options(steps: u64, rows: usize) -> TrainerOptions {
+    TrainerOptions {
+        max_steps: steps,
+        micro_batch_rows: rows,
+        schedule: Schedule::constant(1e-4),
+        spike: None,
+        ..TrainerOptions::default()
+    }
+}
