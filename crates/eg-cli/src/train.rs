@@ -186,20 +186,7 @@ fn load_files(cfg: &Config) -> anyhow::Result<Data> {
     let prepared = data::prepare(&files, &tokenizer, &popts)?;
     let shards: Arc<dyn data::TokenDataset> = Arc::new(prepared.open()?);
     let n = shards.len();
-    let held = ((n as f64) * cfg.data.eval_fraction.get()).round() as u64;
-    let held = held.min(n.saturating_sub(1));
-    let train = Arc::new(Subset {
-        inner: shards.clone(),
-        start: 0,
-        len: n - held,
-    });
-    let eval: Option<Arc<dyn data::TokenDataset>> = (held > 0).then(|| {
-        Arc::new(Subset {
-            inner: shards.clone(),
-            start: n - held,
-            len: held,
-        }) as Arc<dyn data::TokenDataset>
-    });
+    let (train, eval, held) = hold_out(&shards, cfg.data.eval_fraction.get());
     Ok(Data {
         description: format!(
             "{} file(s), {} samples ({} held out), vocabulary {}",
@@ -213,6 +200,34 @@ fn load_files(cfg: &Config) -> anyhow::Result<Data> {
         vocab: tokenizer.vocab_size(),
         eos,
     })
+}
+
+/// The training part and the held-out part (the last `fraction` of the samples, at least
+/// one sample left to train on; `None` when nothing is held out) of `shards`, and how many
+/// samples are held out.
+fn hold_out(
+    shards: &Arc<dyn data::TokenDataset>,
+    fraction: f64,
+) -> (
+    Arc<dyn data::TokenDataset>,
+    Option<Arc<dyn data::TokenDataset>>,
+    u64,
+) {
+    let n = shards.len();
+    let held = (((n as f64) * fraction).round() as u64).min(n.saturating_sub(1));
+    let train: Arc<dyn data::TokenDataset> = Arc::new(Subset {
+        inner: shards.clone(),
+        start: 0,
+        len: n - held,
+    });
+    let eval = (held > 0).then(|| {
+        Arc::new(Subset {
+            inner: shards.clone(),
+            start: n - held,
+            len: held,
+        }) as Arc<dyn data::TokenDataset>
+    });
+    (train, eval, held)
 }
 
 /// A contiguous range of another dataset's samples.

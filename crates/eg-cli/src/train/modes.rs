@@ -10,7 +10,7 @@ use elastic_guardian::data::{self, TokenDataset};
 use elastic_guardian::kernel::{CausalLm, Dpo, Objective};
 use elastic_guardian::model::Llama;
 
-use super::{Data, Subset};
+use super::Data;
 
 /// The objective of `train.mode` for a causal language model: pre-training (rows are causal
 /// sequences), SFT (packed rows with document masks; the loader masks prompt tokens out of
@@ -131,20 +131,7 @@ pub(super) fn load_tokens(cfg: &Config) -> anyhow::Result<Data> {
             (max as usize + 1, None)
         }
     };
-    let held = ((n as f64) * cfg.data.eval_fraction.get()).round() as u64;
-    let held = held.min(n.saturating_sub(1));
-    let train = Arc::new(Subset {
-        inner: shards.clone(),
-        start: 0,
-        len: n - held,
-    });
-    let eval: Option<Arc<dyn TokenDataset>> = (held > 0).then(|| {
-        Arc::new(Subset {
-            inner: shards.clone(),
-            start: n - held,
-            len: held,
-        }) as Arc<dyn TokenDataset>
-    });
+    let (train, eval, held) = super::hold_out(&shards, cfg.data.eval_fraction.get());
     Ok(Data {
         description: format!(
             "token shards in {} ({n} samples, {held} held out), vocabulary {vocab}",
