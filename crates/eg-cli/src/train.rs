@@ -437,6 +437,10 @@ fn trainer_options(cfg: &Config, micro: usize, peak: f64) -> anyhow::Result<Trai
             keep_last: c.keep_last as usize,
             keep_best: c.keep_best as usize,
             background: c.background,
+            write: kernel::checkpoint::SaveOptions {
+                direct_io: c.direct_io,
+                ..Default::default()
+            },
         }),
         snapshot_every: c.every.0,
         eval_every: cfg.train.eval.every.0,

@@ -307,6 +307,8 @@ pub struct CheckpointsConfig {
     pub keep_best: u32,
     /// Background writes.
     pub background: bool,
+    /// O_DIRECT writes of the large files.
+    pub direct_io: bool,
 }
 
 /// `[train.eval]`, validated.
@@ -1060,6 +1062,7 @@ pub(crate) fn validate(w: WireConfig, r: &Resolved) -> Result<Config, Error> {
         keep_last: c.u32("train.checkpoints.keep_last", k.keep_last, 1, 1_000_000),
         keep_best: c.u32("train.checkpoints.keep_best", k.keep_best, 0, 1_000_000),
         background: k.background,
+        direct_io: k.direct_io,
     };
     let e = &t.eval;
     let eval = EvalConfig {

@@ -770,6 +770,9 @@ pub struct CheckpointsWire {
     pub keep_best: u64,
     /// Write on a background thread from a snapshot.
     pub background: bool,
+    /// Write the weight and optimizer files with O_DIRECT (no copy into the page cache);
+    /// filesystems that refuse it get buffered writes.
+    pub direct_io: bool,
 }
 
 impl Default for CheckpointsWire {
@@ -780,6 +783,7 @@ impl Default for CheckpointsWire {
             keep_last: 3,
             keep_best: 1,
             background: true,
+            direct_io: true,
         }
     }
 }

@@ -3,7 +3,10 @@
 //!
 //! Modes: none (wall and CPU time of the three loops, 3 rounds, then the checkpoint);
 //! `cpu [ROUNDS]` (CPU time of bare vs guarded on one compute thread, load-independent);
-//! `checkpoint [ROUNDS]` (stall, save time, throughput vs the disk; 5 rounds, medians);
+//! `checkpoint [ROUNDS]` (stall, save time of four writer settings, throughput vs the
+//! disk's buffered and `O_DIRECT` sequential write bandwidth; 5 rounds, medians);
+//! `save [MB] [ROUNDS]` (the same saves of a synthetic AdamW checkpoint of MB megabytes,
+//! default 1000, 5 rounds);
 //! `run VARIANT STEPS` (one loop,
 //! for profilers; VARIANT is candle, bare or guarded).
 //!
@@ -233,6 +236,7 @@ fn checkpoint_stall() -> Stall {
         keep_last: 100,
         keep_best: 0,
         background: true,
+        write: Default::default(),
     });
     let mut t = Trainer::new(m, opt, loader(), o).unwrap();
     t.fit().unwrap(); // checkpoints at 2 (overlapped with update 3) and 3 (at exit)
@@ -250,18 +254,17 @@ fn checkpoint_stall() -> Stall {
 }
 
 /// Seconds of a synchronous `checkpoint::save` of the checkpoint in `dir`, and its bytes.
-fn synchronous_save(dir: &std::path::Path) -> (f64, u64) {
+fn synchronous_save(
+    dir: &std::path::Path,
+    options: &eg_kernel::checkpoint::SaveOptions,
+) -> (f64, u64) {
     let data = eg_kernel::checkpoint::load(dir).unwrap();
     let out_dir = tempfile::tempdir().unwrap();
     let t1 = Instant::now();
-    let out = eg_kernel::checkpoint::save(&out_dir.path().join("sync"), &data).unwrap();
+    let out =
+        eg_kernel::checkpoint::save_with(&out_dir.path().join("sync"), &data, options).unwrap();
     let save = t1.elapsed().as_secs_f64();
-    let bytes: u64 = std::fs::read_dir(&out)
-        .unwrap()
-        .flatten()
-        .map(|e| e.metadata().unwrap().len())
-        .sum();
-    (save, bytes)
+    (save, checkpoint_bytes(&out))
 }
 
 /// (wall s/step, CPU s/step) of a variant over `STEPS` steps after a warm-up step, run in a
@@ -357,14 +360,40 @@ fn cpu_one_thread(rounds: usize) {
     );
 }
 
-fn disk_bandwidth(bytes: usize) -> f64 {
+/// Bytes per second of writing `bytes` to a new file sequentially and syncing it:
+/// one buffered `write` of them all (`block` 0), or `O_DIRECT` writes of `block`-byte aligned
+/// blocks as `dd oflag=direct bs=… conv=fsync` does.
+fn disk_bandwidth(bytes: usize, block: usize) -> f64 {
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("bw");
-    let buf = vec![7u8; bytes];
+    if block == 0 {
+        let buf = vec![7u8; bytes];
+        let t = Instant::now();
+        let mut f = std::fs::File::create(&p).unwrap();
+        f.write_all(&buf).unwrap();
+        f.sync_all().unwrap();
+        return bytes as f64 / t.elapsed().as_secs_f64();
+    }
+    let mut raw = vec![7u8; block + 4096];
+    let at = (4096 - raw.as_ptr() as usize % 4096) % 4096;
+    let buf = &mut raw[at..at + block];
     let t = Instant::now();
-    let mut f = std::fs::File::create(&p).unwrap();
-    f.write_all(&buf).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&p)
+        .unwrap();
+    let mut left = bytes.div_ceil(4096) * 4096;
+    while left > 0 {
+        let n = left.min(block);
+        f.write_all(&buf[..n]).unwrap();
+        left -= n;
+    }
+    f.set_len(bytes as u64).unwrap();
     f.sync_all().unwrap();
     bytes as f64 / t.elapsed().as_secs_f64()
 }
@@ -390,6 +419,10 @@ fn main() {
         }
         Some("checkpoint") => {
             return checkpoint_report(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(5));
+        }
+        Some("save") => {
+            let arg = |i: usize, d: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
+            return save_report(arg(1, 1000), arg(2, 5));
         }
         _ => {}
     }
@@ -437,69 +470,217 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// The save variants and disk measurements `checkpoint_report` times each round.
+const SAVES: [(&str, bool, usize); 4] = [
+    ("save (default: O_DIRECT, writers per core)", true, 0),
+    ("save O_DIRECT, 1 writer", true, 1),
+    ("save O_DIRECT, 4 writers", true, 4),
+    ("save buffered, 1 writer", false, 1),
+];
+
+/// One round of synchronous saves of the checkpoint in `dir` (`SAVES`) and of the disk's
+/// sequential write bandwidth for as many bytes, in an order rotated by `round`.
+struct SaveRound {
+    /// Seconds of each of `SAVES`.
+    secs: Vec<f64>,
+    /// Bytes per second of a buffered write + fsync.
+    disk: f64,
+    /// Bytes per second of `O_DIRECT` writes + fsync (the better of 1 and 4 MiB blocks).
+    direct: f64,
+    /// Bytes of the checkpoint.
+    bytes: u64,
+}
+
+impl SaveRound {
+    fn run(round: usize, dir: &std::path::Path) -> Self {
+        let mut r = SaveRound {
+            secs: vec![0.0; SAVES.len()],
+            disk: 0.0,
+            direct: 0.0,
+            bytes: 0,
+        };
+        let jobs = SAVES.len() + 2;
+        for k in 0..jobs {
+            let j = (k + round) % jobs;
+            if let Some(&(_, direct_io, writers)) = SAVES.get(j) {
+                let mut o = eg_kernel::checkpoint::SaveOptions {
+                    direct_io,
+                    ..Default::default()
+                };
+                if writers > 0 {
+                    o.writers = writers;
+                }
+                let (s, b) = synchronous_save(dir, &o);
+                r.bytes = b;
+                r.secs[j] = s;
+            } else {
+                let bytes = checkpoint_bytes(dir) as usize;
+                if j == SAVES.len() {
+                    r.disk = disk_bandwidth(bytes, 0);
+                } else {
+                    r.direct = disk_bandwidth(bytes, 1 << 20).max(disk_bandwidth(bytes, 4 << 20));
+                }
+            }
+        }
+        r
+    }
+
+    /// The disk's sequential write bandwidth this round: the larger figure.
+    fn top(&self) -> f64 {
+        self.disk.max(self.direct)
+    }
+
+    /// One line: the saves and the disk.
+    fn line(&self) -> String {
+        format!(
+            "saves {} ms; save {:.0} MB/s vs disk buffered {:.0} / O_DIRECT {:.0} MB/s ({:.0}% of the larger), load {}",
+            self.secs
+                .iter()
+                .map(|s| format!("{:.1}", s * 1e3))
+                .collect::<Vec<_>>()
+                .join(" / "),
+            self.bytes as f64 / self.secs[0] / 1e6,
+            self.disk / 1e6,
+            self.direct / 1e6,
+            100.0 * self.bytes as f64 / self.secs[0] / self.top(),
+            common::load1()
+        )
+    }
+}
+
+/// Bytes of the files of checkpoint directory `dir`.
+fn checkpoint_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.metadata().unwrap().len())
+        .sum()
+}
+
+/// Medians of the saves and the disk over `rounds`, and save/disk.
+fn report_saves(rounds: &[SaveRound], load_before: String) {
+    let bytes = rounds[0].bytes as f64;
+    let save = median(rounds.iter().map(|r| r.secs[0]).collect());
+    for (i, (name, _, _)) in SAVES.iter().enumerate() {
+        let s = median(rounds.iter().map(|r| r.secs[i]).collect());
+        println!("  {name}: {:.1} ms = {:.0} MB/s", s * 1e3, bytes / s / 1e6);
+    }
+    let top = median(rounds.iter().map(SaveRound::top).collect());
+    println!(
+        "  disk: buffered write + fsync {:.0} MB/s, O_DIRECT 1 or 4 MiB writes + fsync {:.0} MB/s, the larger per round {:.0} MB/s",
+        median(rounds.iter().map(|r| r.disk).collect()) / 1e6,
+        median(rounds.iter().map(|r| r.direct).collect()) / 1e6,
+        top / 1e6
+    );
+    let ratios: Vec<f64> = rounds
+        .iter()
+        .map(|r| r.bytes as f64 / r.secs[0] / r.top())
+        .collect();
+    println!(
+        "  save/disk: {:.0}% of the medians, median of per-round ratios {:.0}% (min {:.0}%, {} of {} rounds >= 70%); 1-minute load {} before, {} after",
+        100.0 * (bytes / save) / top,
+        100.0 * median(ratios.clone()),
+        100.0 * ratios.iter().copied().fold(f64::INFINITY, f64::min),
+        ratios.iter().filter(|&&x| x >= 0.7).count(),
+        ratios.len(),
+        load_before,
+        common::load1()
+    );
+}
+
 /// `rounds` rounds, each: a training run with one overlapped checkpoint (the stall), then a
-/// synchronous save of the same data and one write + fsync of as many bytes (the disk),
-/// the order of the last two alternating; medians over the rounds.
+/// [`SaveRound`] of the same checkpoint. Medians over the rounds.
 fn checkpoint_report(rounds: usize) {
-    let (mut blocked, mut start, mut wait, mut copy) = (vec![], vec![], vec![], vec![]);
-    let (mut saves, mut disks, mut ratios, mut tputs) = (vec![], vec![], vec![], vec![]);
-    let mut bytes = 0;
+    let (mut blocked, mut start, mut wait, mut copy, mut ratios) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    let mut saves = vec![];
     let load_before = common::load1();
     for round in 0..rounds {
         let st = checkpoint_stall();
-        let (save, disk);
-        if round % 2 == 0 {
-            let (s, b) = synchronous_save(&st.dir);
-            bytes = b;
-            save = s;
-            disk = disk_bandwidth(b as usize);
-        } else {
-            disk = disk_bandwidth(bytes.max(1) as usize);
-            let (s, b) = synchronous_save(&st.dir);
-            bytes = b;
-            save = s;
-        }
+        let r = SaveRound::run(round, &st.dir);
         let b = st.start + st.wait;
-        let tput = bytes as f64 / save;
         println!(
-            "round {round}: stall {:.3} ms (save_checkpoint {:.3} + wait for the copy {:.3}; copy {:.1} ms on its thread) = {:.2}% of a synchronous save of {:.1} ms; save {:.0} MB/s vs disk {:.0} MB/s ({:.0}%), load {}",
+            "round {round}: stall {:.3} ms (save_checkpoint {:.3} + wait {:.3}; copy {:.1} ms on its thread) = {:.2}% of the save; {}",
             b * 1e3,
             st.start * 1e3,
             st.wait * 1e3,
             st.copy * 1e3,
-            100.0 * b / save,
-            save * 1e3,
-            tput / 1e6,
-            disk / 1e6,
-            100.0 * tput / disk,
-            common::load1()
+            100.0 * b / r.secs[0],
+            r.line()
         );
         blocked.push(b);
         start.push(st.start);
         wait.push(st.wait);
         copy.push(st.copy);
-        ratios.push(b / save);
-        saves.push(save);
-        disks.push(disk);
-        tputs.push(tput / disk);
+        ratios.push(b / r.secs[0]);
+        saves.push(r);
     }
-    let save = median(saves);
-    let disk = median(disks);
+    let save = median(saves.iter().map(|r| r.secs[0]).collect());
     println!(
-        "checkpoint: {:.1} MB; medians over {rounds} rounds: stall {:.3} ms (save_checkpoint {:.3} + wait {:.3}; overlapped copy {:.1} ms) = {:.2}% of the save (median of ratios {:.2}%); synchronous save {:.1} ms = {:.0} MB/s vs disk {:.0} MB/s ({:.0}%; median of per-round ratios {:.0}%); 1-minute load {} before, {} after",
-        bytes as f64 / 1e6,
+        "checkpoint: {:.1} MB; medians over {rounds} rounds: stall {:.3} ms (save_checkpoint {:.3} + wait {:.3}; overlapped copy {:.1} ms) = {:.2}% of the save (median of ratios {:.2}%)",
+        saves[0].bytes as f64 / 1e6,
         median(blocked.clone()) * 1e3,
         median(start) * 1e3,
         median(wait) * 1e3,
         median(copy) * 1e3,
         100.0 * median(blocked) / save,
         100.0 * median(ratios),
-        save * 1e3,
-        bytes as f64 / save / 1e6,
-        disk / 1e6,
-        100.0 * (bytes as f64 / save) / disk,
-        100.0 * median(tputs),
-        load_before,
-        common::load1()
     );
+    report_saves(&saves, load_before);
+}
+
+/// Saves of a synthetic AdamW checkpoint of about `mb` MB (a third weights, two thirds
+/// moments, in 16 MiB tensors), `rounds` [`SaveRound`]s.
+fn save_report(mb: usize, rounds: usize) {
+    let n = 4 << 20; // elements per tensor
+    let tensors = (mb * 1_000_000 / 3).div_ceil(4 * n).max(1);
+    let value = |k: usize, i: usize| ((k * n + i) as f32 * 1e-3).sin();
+    let weights: eg_kernel::checkpoint::NamedBuffers = (0..tensors)
+        .map(|k| {
+            (
+                format!("w{k:04}"),
+                (vec![n], (0..n).map(|i| value(k, i)).collect()),
+            )
+        })
+        .collect();
+    let buffers = (0..tensors)
+        .flat_map(|k| {
+            let m = (0..n).map(|i| value(k + 1, i) * 1e-2).collect();
+            let v = (0..n).map(|i| value(k + 2, i).abs() * 1e-4).collect();
+            [
+                (format!("w{k:04}.m"), (vec![n], m)),
+                (format!("w{k:04}.v"), (vec![n], v)),
+            ]
+        })
+        .collect();
+    let data = eg_kernel::checkpoint::CheckpointData {
+        step: 1,
+        weights: Arc::new(weights),
+        optimizer: Arc::new(eg_kernel::OptimizerState {
+            t: 1,
+            kind: kind(),
+            buffers,
+        }),
+        optimizer_stream: None,
+        trainer_json: b"{}".to_vec(),
+        cursor_json: b"{}".to_vec(),
+        config_toml: None,
+        eval_loss: None,
+        threads: 1,
+    };
+    let src = tempfile::tempdir().unwrap();
+    let dir = eg_kernel::checkpoint::save(src.path(), &data).unwrap();
+    drop(data);
+    let load_before = common::load1();
+    let mut saves = vec![];
+    for round in 0..rounds {
+        let r = SaveRound::run(round, &dir);
+        println!("round {round}: {}", r.line());
+        saves.push(r);
+    }
+    println!(
+        "synthetic checkpoint: {:.1} MB; medians over {rounds} rounds:",
+        saves[0].bytes as f64 / 1e6
+    );
+    report_saves(&saves, load_before);
 }

@@ -106,6 +106,7 @@ fn main() {
             keep_last: 1,
             keep_best: 0,
             background: true,
+            write: Default::default(),
         }),
         snapshot_every: ckpt_every,
         ..bench_options(steps, rows)

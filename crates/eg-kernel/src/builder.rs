@@ -129,6 +129,7 @@ impl Checkpoints {
             keep_last: 3,
             keep_best: 1,
             background: true,
+            write: crate::checkpoint::SaveOptions::default(),
         })
     }
     /// Interval.
@@ -149,6 +150,11 @@ impl Checkpoints {
     /// Write in the foreground.
     pub fn foreground(mut self) -> Self {
         self.0.background = false;
+        self
+    }
+    /// Write through the page cache instead of `O_DIRECT`.
+    pub fn buffered(mut self) -> Self {
+        self.0.write.direct_io = false;
         self
     }
 }

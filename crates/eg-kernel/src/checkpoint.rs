@@ -16,16 +16,20 @@
 //! skipping (with a warning naming it) any directory that is incomplete or corrupt.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use std::io::Write;
+use std::io::{Read, Write};
 
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::fsio::{sha256_file, sync_dir};
+use pipe::Pipe;
+
+mod pipe;
 use crate::optim::{OptimizerKind, OptimizerState, OptimizerStream};
 use crate::{Error, Result};
 
@@ -36,7 +40,8 @@ const OPTIMIZER: &str = "optimizer.safetensors";
 const TRAINER: &str = "trainer.json";
 const CURSOR: &str = "cursor.json";
 const CONFIG: &str = "config.toml";
-const REQUIRED: [&str; 4] = [MODEL, OPTIMIZER, TRAINER, CURSOR];
+/// Files every checkpoint has besides its optimizer file(s).
+const REQUIRED: [&str; 3] = [MODEL, TRAINER, CURSOR];
 
 /// Named f32 buffers: shape and values.
 pub type NamedBuffers = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
@@ -102,16 +107,14 @@ fn buffer_entries(buffers: &NamedBuffers) -> Entries<'_> {
         .collect()
 }
 
-/// A [`Fill`] passing the values of `buffers` (entries in name order).
-fn buffer_fill<'a>(
-    path: &'a Path,
-    buffers: &'a NamedBuffers,
-) -> impl FnMut(usize, &mut Sink<'_>) -> Result<()> + 'a {
+/// A [`Fill`] passing the values of `buffers` (entries in name order). A sink's error is
+/// reported by [`safetensors_pass`] with the file's path.
+fn buffer_fill(buffers: &NamedBuffers) -> impl Fn(usize, &mut Sink<'_>) -> Result<()> + Sync + '_ {
     let values: Vec<&[f32]> = buffers.values().map(|(_, v)| v.as_slice()).collect();
     move |i, sink| {
         let v = values.get(i).copied().unwrap_or_default();
         for chunk in v.chunks(1 << 16) {
-            sink(chunk).map_err(Error::io(path))?;
+            sink(chunk).map_err(Error::io(PathBuf::new()))?;
         }
         Ok(())
     }
@@ -121,7 +124,7 @@ fn buffer_fill<'a>(
 type Sink<'s> = dyn FnMut(&[f32]) -> std::io::Result<()> + 's;
 
 /// Passes the values of entry `i` to the sink.
-type Fill<'a> = dyn FnMut(usize, &mut Sink<'_>) -> Result<()> + 'a;
+type Fill<'a> = dyn Fn(usize, &mut Sink<'_>) -> Result<()> + Sync + 'a;
 
 /// Entries of a safetensors file: name, shape, elements; in name order.
 type Entries<'a> = Vec<(&'a str, &'a [usize], usize)>;
@@ -163,27 +166,24 @@ fn safetensors_head(
     Ok(out)
 }
 
-/// One pass over a safetensors file's bytes (`head`, then the values `fill` passes for
-/// each entry as little-endian f32) into `w`: written to its file, hashed, or both.
-fn safetensors_pass(
-    path: &Path,
-    head: &[u8],
-    entries: &[(&str, &[usize], usize)],
-    fill: &mut Fill<'_>,
-    mut w: Staging,
-) -> Result<Staging> {
-    let io = |e| Error::Io {
-        path: path.to_path_buf(),
-        source: e,
-    };
-    w.push_bytes(head).map_err(io)?;
-    for (i, &(name, _, len)) in entries.iter().enumerate() {
+/// Produces the bytes of a safetensors file (`head`, then for each entry the values `fill`
+/// passes for entry `first + i`, as little-endian f32) into `pipe`.
+fn safetensors_pass(path: &Path, part: &Part<'_>, pipe: &mut Pipe) -> Result<()> {
+    pipe.push_bytes(&part.head).map_err(Error::io(path))?;
+    for (i, &(name, _, len)) in part.entries.iter().enumerate() {
         let mut written = 0usize;
-        fill(i, &mut |v: &[f32]| {
-            w.push_f32(v)?;
+        let mut failed = None;
+        let filled = (part.fill)(part.first + i, &mut |v: &[f32]| {
+            pipe.push_f32(v).inspect_err(|e| {
+                failed = Some(std::io::Error::new(e.kind(), e.to_string()));
+            })?;
             written += v.len();
             Ok(())
-        })?;
+        });
+        if let Some(e) = failed {
+            return Err(Error::io(path)(e));
+        }
+        filled?;
         if written != len {
             return Err(Error::StateMismatch {
                 what: format!("{name} written to {}", path.display()),
@@ -192,121 +192,101 @@ fn safetensors_pass(
             });
         }
     }
-    w.flush().map_err(io)?;
-    Ok(w)
+    Ok(())
 }
 
-/// Writes a safetensors file (not synced yet): its open file and its size.
-fn write_safetensors_unsynced(
-    path: &Path,
-    head: &[u8],
-    entries: &[(&str, &[usize], usize)],
-    fill: &mut Fill<'_>,
-) -> Result<(std::fs::File, u64)> {
-    let file = std::fs::File::create(path).map_err(Error::io(path))?;
-    let w = safetensors_pass(
-        path,
-        head,
-        entries,
-        fill,
-        Staging::new(Some(file), false, WRITE_CHUNK),
-    )?;
-    match w.file {
-        Some(f) => Ok((f, w.bytes)),
-        None => Err(Error::io(path)(std::io::Error::other("file lost"))),
+/// One safetensors file of a checkpoint: its name, header and entries, the entries' values
+/// being entries `first..` of `fill`.
+struct Part<'a> {
+    name: String,
+    head: Vec<u8>,
+    entries: &'a [(&'a str, &'a [usize], usize)],
+    first: usize,
+    fill: &'a Fill<'a>,
+}
+
+/// Writes and syncs the files of `parts` in `dir` one after the other, each hashed while it
+/// is written (see [`pipe`]).
+fn write_parts(
+    dir: &Path,
+    parts: &[Part<'_>],
+    direct_io: bool,
+) -> Result<Vec<(String, FileEntry)>> {
+    let paths: Vec<PathBuf> = parts.iter().map(|p| dir.join(&p.name)).collect();
+    let written = pipe::write_files(&paths, direct_io, &mut |i, pipe| match (
+        parts.get(i),
+        paths.get(i),
+    ) {
+        (Some(part), Some(path)) => safetensors_pass(path, part, pipe),
+        _ => Err(Error::WriterPanicked),
+    })?;
+    Ok(parts
+        .iter()
+        .zip(written)
+        .map(|(part, (bytes, sha256))| (part.name.clone(), FileEntry { sha256, bytes }))
+        .collect())
+}
+
+/// Splits entries of `sizes` bytes into consecutive shards so that `writers` threads carry
+/// about the same bytes, the first one also carrying `first_load` bytes (the weights); one
+/// shard when there is a single writer or less than `min_shard` bytes in all.
+fn shard_ranges(
+    sizes: &[u64],
+    first_load: u64,
+    writers: usize,
+    min_shard: u64,
+) -> Vec<Range<usize>> {
+    let n = sizes.len();
+    let total: u64 = sizes.iter().sum();
+    if writers <= 1 || total < min_shard || n < 2 {
+        return std::iter::once(0..n).collect();
     }
-}
-
-/// The hex sha256 of the bytes [`write_safetensors_unsynced`] wrote, computed again from
-/// the values (in cache-sized pieces: converting them again costs little next to the hash).
-fn hash_safetensors(
-    path: &Path,
-    head: &[u8],
-    entries: &[(&str, &[usize], usize)],
-    fill: &mut Fill<'_>,
-) -> Result<String> {
-    let w = safetensors_pass(
-        path,
-        head,
-        entries,
-        fill,
-        Staging::new(None, true, HASH_CHUNK),
-    )?;
-    Ok(w.hash
-        .map(|h| hex::encode(h.finalize()))
-        .unwrap_or_default())
-}
-
-/// Bytes staged before each `write`.
-const WRITE_CHUNK: usize = 4 << 20;
-/// Bytes staged before each hash update in the hashing pass (stays in the L2 cache).
-const HASH_CHUNK: usize = 256 << 10;
-
-/// Stages bytes in a buffer and passes each full buffer with one call to the file (when
-/// writing) and the hash (when hashing): no second buffer, few system calls.
-struct Staging {
-    file: Option<std::fs::File>,
-    hash: Option<Sha256>,
-    bytes: u64,
-    buf: Vec<u8>,
-    fill: usize,
-}
-
-impl Staging {
-    fn new(file: Option<std::fs::File>, hash: bool, chunk: usize) -> Self {
-        Self {
-            file,
-            hash: hash.then(Sha256::new),
-            bytes: 0,
-            buf: vec![0; chunk],
-            fill: 0,
-        }
-    }
-
-    fn push_bytes(&mut self, mut b: &[u8]) -> std::io::Result<()> {
-        while !b.is_empty() {
-            let n = (self.buf.len() - self.fill).min(b.len());
-            self.buf[self.fill..self.fill + n].copy_from_slice(&b[..n]);
-            self.fill += n;
-            b = &b[n..];
-            if self.fill == self.buf.len() {
-                self.flush()?;
+    let target = (first_load + total) / writers as u64;
+    let (mut out, mut start, mut acc, mut k) = (Vec::new(), 0, first_load, 1u64);
+    for (i, &s) in sizes.iter().enumerate() {
+        let before = acc;
+        acc += s;
+        while (k as usize) < writers && acc >= k * target {
+            // Cut at whichever side of entry `i` is nearer the writer's share.
+            let cut = if i > start && k * target - before < acc - k * target {
+                i
+            } else {
+                i + 1
+            };
+            if cut > start && cut < n {
+                out.push(start..cut);
+                start = cut;
             }
+            k += 1;
         }
-        Ok(())
     }
+    out.push(start..n);
+    out
+}
 
-    /// Appends `v` as little-endian f32 bytes.
-    fn push_f32(&mut self, mut v: &[f32]) -> std::io::Result<()> {
-        while !v.is_empty() {
-            let room = (self.buf.len() - self.fill) / 4;
-            if room == 0 {
-                self.flush()?;
-                continue;
-            }
-            let (now, later) = v.split_at(room.min(v.len()));
-            let dst = &mut self.buf[self.fill..self.fill + 4 * now.len()];
-            for (d, x) in dst.chunks_exact_mut(4).zip(now) {
-                d.copy_from_slice(&x.to_le_bytes());
-            }
-            self.fill += 4 * now.len();
-            v = later;
-        }
-        Ok(())
+/// The file name of optimizer shard `i` of `n` (`optimizer.safetensors` when `n` is 1).
+fn optimizer_file(i: usize, n: usize) -> String {
+    if n == 1 {
+        OPTIMIZER.to_string()
+    } else {
+        format!("optimizer-{:05}-of-{n:05}.safetensors", i + 1)
     }
+}
 
-    fn flush(&mut self) -> std::io::Result<()> {
-        let b = &self.buf[..self.fill];
-        if let Some(f) = &mut self.file {
-            f.write_all(b)?;
-        }
-        if let Some(h) = &mut self.hash {
-            h.update(b);
-        }
-        self.bytes += b.len() as u64;
-        self.fill = 0;
-        Ok(())
+/// The optimizer files a manifest lists, in order: `optimizer.safetensors`, or every shard
+/// `optimizer-i-of-n.safetensors`; `None` when they are missing or incomplete.
+fn optimizer_files(m: &Manifest) -> Option<Vec<String>> {
+    if m.files.contains_key(OPTIMIZER) {
+        return Some(vec![OPTIMIZER.to_string()]);
     }
+    let n = m
+        .files
+        .keys()
+        .filter_map(|k| k.strip_prefix("optimizer-")?.strip_suffix(".safetensors"))
+        .filter_map(|k| k.split_once("-of-")?.1.parse::<usize>().ok())
+        .next()?;
+    let names: Vec<String> = (0..n).map(|i| optimizer_file(i, n)).collect();
+    (n > 1 && names.iter().all(|f| m.files.contains_key(f))).then_some(names)
 }
 
 /// Writes a small file (synced) and returns its entry.
@@ -320,8 +300,46 @@ fn write_small(path: &Path, bytes: &[u8]) -> Result<FileEntry> {
     })
 }
 
-/// Writes a checkpoint under `root` atomically and returns its directory.
+/// How [`save_with`] writes a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SaveOptions {
+    /// Write the weight and optimizer files with `O_DIRECT` (aligned blocks straight to the
+    /// device, no copy into the page cache); a filesystem that refuses it gets buffered
+    /// writes.
+    pub direct_io: bool,
+    /// Threads producing and hashing files at once: optimizer state of `min_shard_bytes` or
+    /// more is split into up to this many `optimizer-i-of-n.safetensors` shards so that each
+    /// thread carries about the same bytes (sha256 runs at 1–2 GB/s per core, slower than
+    /// many disks).
+    pub writers: usize,
+    /// Optimizer state smaller than this stays in one `optimizer.safetensors`.
+    pub min_shard_bytes: u64,
+}
+
+impl Default for SaveOptions {
+    /// `O_DIRECT`, one writer per core up to 4, shards from 16 MiB of optimizer state.
+    fn default() -> Self {
+        Self {
+            direct_io: true,
+            writers: std::thread::available_parallelism()
+                .map(usize::from)
+                .unwrap_or(1)
+                .min(4),
+            min_shard_bytes: 16 << 20,
+        }
+    }
+}
+
+/// Writes a checkpoint under `root` atomically with [`SaveOptions::default`] and returns its
+/// directory.
 pub fn save(root: &Path, data: &CheckpointData) -> Result<PathBuf> {
+    save_with(root, data, &SaveOptions::default())
+}
+
+/// Writes a checkpoint under `root` atomically and returns its directory. Each large file is
+/// hashed while it is written, and every file is synced before the directory is renamed
+/// into place.
+pub fn save_with(root: &Path, data: &CheckpointData, options: &SaveOptions) -> Result<PathBuf> {
     std::fs::create_dir_all(root).map_err(Error::io(root))?;
     let name = step_dir_name(data.step);
     let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
@@ -339,14 +357,12 @@ pub fn save(root: &Path, data: &CheckpointData) -> Result<PathBuf> {
             ("t".to_string(), data.optimizer.t.to_string()),
             ("kind".to_string(), kind),
         ]);
-        let (model_path, opt_path) = (tmp.join(MODEL), tmp.join(OPTIMIZER));
         let model_entries = buffer_entries(&data.weights);
-        let mut model_fill = buffer_fill(&model_path, &data.weights);
-        let (opt_entries, mut opt_fill): (Entries<'_>, Box<Fill<'_>>) = match &data.optimizer_stream
-        {
+        let model_fill = buffer_fill(&data.weights);
+        let (opt_entries, opt_fill): (Entries<'_>, Box<Fill<'_>>) = match &data.optimizer_stream {
             None => (
                 buffer_entries(&data.optimizer.buffers),
-                Box::new(buffer_fill(&opt_path, &data.optimizer.buffers)),
+                Box::new(buffer_fill(&data.optimizer.buffers)),
             ),
             Some(st) => (
                 st.buffers
@@ -356,62 +372,71 @@ pub fn save(root: &Path, data: &CheckpointData) -> Result<PathBuf> {
                 Box::new(|i, sink: &mut Sink<'_>| st.read(i, sink)),
             ),
         };
-        let model_head = safetensors_head(&model_entries, &BTreeMap::new())?;
-        let opt_head = safetensors_head(&opt_entries, &meta)?;
-        // Each large file is written first and synced on a helper thread (waiting for the
-        // disk, not using the CPU) while this thread hashes what was written, from the
-        // values again: the hash overlaps the disk instead of adding to it.
-        std::thread::scope(|scope| -> Result<()> {
-            let (f, model_bytes) = write_safetensors_unsynced(
-                &model_path,
-                &model_head,
-                &model_entries,
-                &mut model_fill,
-            )?;
-            let model_sync = scope.spawn(move || f.sync_all());
-            let (f, opt_bytes) =
-                write_safetensors_unsynced(&opt_path, &opt_head, &opt_entries, &mut opt_fill)?;
-            let opt_sync = scope.spawn(move || f.sync_all());
-            let model_sha =
-                hash_safetensors(&model_path, &model_head, &model_entries, &mut model_fill)?;
-            let opt_sha = hash_safetensors(&opt_path, &opt_head, &opt_entries, &mut opt_fill)?;
-            let joined = |h: std::thread::ScopedJoinHandle<'_, std::io::Result<()>>, p: &Path| {
-                h.join()
-                    .map_err(|_| Error::WriterPanicked)?
-                    .map_err(Error::io(p))
+        let bytes =
+            |e: &[(&str, &[usize], usize)]| e.iter().map(|x| 4 * x.2 as u64).collect::<Vec<_>>();
+        let model_bytes: u64 = bytes(&model_entries).iter().sum();
+        let shards = shard_ranges(
+            &bytes(&opt_entries),
+            model_bytes,
+            options.writers,
+            options.min_shard_bytes,
+        );
+        // Writer 0 writes the weights and the first shard, writer i shard i; every shard
+        // carries the metadata.
+        let mut writers: Vec<Vec<Part<'_>>> = vec![vec![Part {
+            name: MODEL.to_string(),
+            head: safetensors_head(&model_entries, &BTreeMap::new())?,
+            entries: &model_entries,
+            first: 0,
+            fill: &model_fill,
+        }]];
+        for (i, r) in shards.iter().enumerate() {
+            let entries = &opt_entries[r.clone()];
+            let part = Part {
+                name: optimizer_file(i, shards.len()),
+                head: safetensors_head(entries, &meta)?,
+                entries,
+                first: r.start,
+                fill: &*opt_fill,
             };
-            joined(model_sync, &model_path)?;
-            joined(opt_sync, &opt_path)?;
-            files.insert(
-                MODEL.to_string(),
-                FileEntry {
-                    sha256: model_sha,
-                    bytes: model_bytes,
-                },
-            );
-            files.insert(
-                OPTIMIZER.to_string(),
-                FileEntry {
-                    sha256: opt_sha,
-                    bytes: opt_bytes,
-                },
-            );
-            Ok(())
-        })?;
-        files.insert(
-            TRAINER.to_string(),
-            write_small(&tmp.join(TRAINER), &data.trainer_json)?,
-        );
-        files.insert(
-            CURSOR.to_string(),
-            write_small(&tmp.join(CURSOR), &data.cursor_json)?,
-        );
-        if let Some(c) = &data.config_toml {
-            files.insert(
-                CONFIG.to_string(),
-                write_small(&tmp.join(CONFIG), c.as_bytes())?,
-            );
+            match writers.get_mut(i) {
+                Some(w) => w.push(part),
+                None => writers.push(vec![part]),
+            }
         }
+        let written = std::thread::scope(|scope| {
+            // The small files on their own thread: their syncs overlap the large writes.
+            let small = scope.spawn(|| {
+                let mut out = vec![
+                    (
+                        TRAINER.to_string(),
+                        write_small(&tmp.join(TRAINER), &data.trainer_json)?,
+                    ),
+                    (
+                        CURSOR.to_string(),
+                        write_small(&tmp.join(CURSOR), &data.cursor_json)?,
+                    ),
+                ];
+                if let Some(c) = &data.config_toml {
+                    out.push((
+                        CONFIG.to_string(),
+                        write_small(&tmp.join(CONFIG), c.as_bytes())?,
+                    ));
+                }
+                Ok::<_, Error>(out)
+            });
+            let (first, rest) = writers.split_first().ok_or(Error::WriterPanicked)?;
+            let handles: Vec<_> = rest
+                .iter()
+                .map(|parts| scope.spawn(|| write_parts(&tmp, parts, options.direct_io)))
+                .collect();
+            let mut written = write_parts(&tmp, first, options.direct_io)?;
+            for h in handles.into_iter().chain([small]) {
+                written.extend(h.join().map_err(|_| Error::WriterPanicked)??);
+            }
+            Ok::<_, Error>(written)
+        })?;
+        files.extend(written);
         let manifest = Manifest {
             format: 1,
             step: data.step,
@@ -457,6 +482,12 @@ pub fn verify(dir: &Path) -> Result<Manifest> {
             return Err(corrupt(r, "not listed in the manifest".into()));
         }
     }
+    if optimizer_files(&m).is_none() {
+        return Err(corrupt(
+            OPTIMIZER,
+            "neither it nor a complete set of optimizer shards is listed in the manifest".into(),
+        ));
+    }
     for (name, entry) in &m.files {
         let p = dir.join(name);
         let (sha, len) = sha256_file(&p).map_err(|e| corrupt(name, e.to_string()))?;
@@ -495,15 +526,20 @@ fn read_metadata(path: &Path) -> Result<BTreeMap<String, String>> {
             .unwrap_or_default(),
         reason,
     };
-    let bytes = std::fs::read(path).map_err(Error::io(path))?;
-    let n = bytes
-        .get(..8)
-        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-        .map(u64::from_le_bytes)
-        .ok_or_else(|| corrupt("too short".into()))? as usize;
-    let head = bytes
-        .get(8..8usize.saturating_add(n))
-        .ok_or_else(|| corrupt("header past end".into()))?;
+    // Only the header: the 8-byte length, then the JSON.
+    let mut f = std::fs::File::open(path).map_err(Error::io(path))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|e| corrupt(format!("too short: {e}")))?;
+    let n = u64::from_le_bytes(len);
+    let size = f.metadata().map_err(Error::io(path))?.len();
+    if n > size.saturating_sub(8) {
+        return Err(corrupt("header past end".into()));
+    }
+    let mut head = vec![0u8; n as usize];
+    f.read_exact(&mut head)
+        .map_err(|e| corrupt(format!("header: {e}")))?;
+    let head = head.as_slice();
     let v: serde_json::Value = serde_json::from_slice(head).map_err(|e| corrupt(e.to_string()))?;
     let mut out = BTreeMap::new();
     if let Some(m) = v.get("__metadata__").and_then(|m| m.as_object()) {
@@ -525,15 +561,23 @@ pub fn load(dir: &Path) -> Result<CheckpointData> {
         reason,
     };
     let (weights, _) = read_f32_map(&dir.join(MODEL))?;
-    let (buffers, meta) = read_f32_map(&dir.join(OPTIMIZER))?;
+    let opt_files = optimizer_files(&m).unwrap_or_default();
+    let mut buffers = NamedBuffers::new();
+    let mut meta = BTreeMap::new();
+    let opt_file = opt_files.last().map_or(OPTIMIZER, String::as_str);
+    for f in &opt_files {
+        let (b, m) = read_f32_map(&dir.join(f))?;
+        buffers.extend(b);
+        meta = m;
+    }
     let t = meta
         .get("t")
         .and_then(|t| t.parse().ok())
-        .ok_or_else(|| corrupt(OPTIMIZER, "no `t` in the metadata".into()))?;
+        .ok_or_else(|| corrupt(opt_file, "no `t` in the metadata".into()))?;
     let kind: OptimizerKind = meta
         .get("kind")
         .and_then(|k| serde_json::from_str(k).ok())
-        .ok_or_else(|| corrupt(OPTIMIZER, "no `kind` in the metadata".into()))?;
+        .ok_or_else(|| corrupt(opt_file, "no `kind` in the metadata".into()))?;
     let read = |n: &str| std::fs::read(dir.join(n)).map_err(|e| corrupt(n, e.to_string()));
     let config_toml = if m.files.contains_key(CONFIG) {
         Some(String::from_utf8(read(CONFIG)?).map_err(|e| corrupt(CONFIG, e.to_string()))?)
@@ -621,4 +665,72 @@ pub fn prune(root: &Path, keep_last: usize, keep_best: usize) -> Result<()> {
         }
     }
     sync_dir(root)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loads(sizes: &[u64], first: u64, r: &[Range<usize>]) -> Vec<u64> {
+        r.iter()
+            .enumerate()
+            .map(|(i, r)| sizes[r.clone()].iter().sum::<u64>() + if i == 0 { first } else { 0 })
+            .collect()
+    }
+
+    #[test]
+    fn shards_balance_the_writers() {
+        // AdamW: weights W, two moments of W each, ten equal tensors per moment.
+        let sizes = vec![10u64; 20];
+        let r = shard_ranges(&sizes, 100, 2, 0);
+        assert_eq!(r, vec![0..5, 5..20]);
+        assert_eq!(loads(&sizes, 100, &r), vec![150, 150]);
+        // within one tensor of equal (the weights alone are a full share here)
+        let r = shard_ranges(&sizes, 100, 3, 0);
+        assert_eq!(loads(&sizes, 100, &r), vec![110, 90, 100]);
+        // consecutive, covering, none empty
+        for w in 1..8 {
+            for first in [0, 7, 500] {
+                let sizes = [3u64, 40, 1, 1, 90, 5, 5, 5, 60];
+                let r = shard_ranges(&sizes, first, w, 0);
+                assert!(r.len() <= w.max(1));
+                assert_eq!(r.first().unwrap().start, 0);
+                assert_eq!(r.last().unwrap().end, sizes.len());
+                for p in r.windows(2) {
+                    assert_eq!(p[0].end, p[1].start);
+                }
+                assert!(r.iter().all(|x| !x.is_empty()), "{r:?}");
+            }
+        }
+        // weights larger than a writer's share: the first shard is one tensor
+        assert_eq!(shard_ranges(&[10, 10, 10], 1000, 2, 0), vec![0..1, 1..3]);
+        // small state or one writer: one file
+        assert_eq!(shard_ranges(&sizes, 100, 4, 1 << 20), vec![0..20]);
+        assert_eq!(shard_ranges(&sizes, 100, 1, 0), vec![0..20]);
+    }
+
+    #[test]
+    fn optimizer_file_names() {
+        let entry = FileEntry {
+            sha256: String::new(),
+            bytes: 0,
+        };
+        let manifest = |names: &[&str]| Manifest {
+            format: 1,
+            step: 1,
+            threads: 1,
+            eval_loss: None,
+            files: names
+                .iter()
+                .map(|n| (n.to_string(), entry.clone()))
+                .collect(),
+        };
+        assert_eq!(optimizer_file(0, 1), "optimizer.safetensors");
+        assert_eq!(optimizer_file(1, 3), "optimizer-00002-of-00003.safetensors");
+        let all: Vec<String> = (0..3).map(|i| optimizer_file(i, 3)).collect();
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        assert_eq!(optimizer_files(&manifest(&refs)), Some(all.clone()));
+        assert_eq!(optimizer_files(&manifest(&refs[..2])), None);
+        assert_eq!(optimizer_files(&manifest(&["model.safetensors"])), None);
+    }
 }

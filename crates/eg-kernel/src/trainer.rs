@@ -350,6 +350,8 @@ pub struct CheckpointOptions {
     pub keep_best: usize,
     /// Write on a background thread from a snapshot.
     pub background: bool,
+    /// How the files are written.
+    pub write: checkpoint::SaveOptions,
 }
 
 /// Loop settings. Plain data; the CLI and the facade map the configuration onto it.
@@ -1687,7 +1689,7 @@ impl<M: TrainModel> Trainer<M> {
                 eval_loss,
                 threads,
             };
-            let d = checkpoint::save(&c.dir, &data)?;
+            let d = checkpoint::save_with(&c.dir, &data, &c.write)?;
             checkpoint::prune(&c.dir, c.keep_last, c.keep_best)?;
             Ok(d)
         };

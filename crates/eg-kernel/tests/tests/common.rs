@@ -76,6 +76,7 @@ pub(crate) fn with_checkpoints(mut o: TrainerOptions, dir: &Path, every: u64) ->
         keep_last: 100,
         keep_best: 0,
         background: true,
+        write: Default::default(),
     });
     o.snapshot_every = every;
     o.run_dir = Some(dir.to_path_buf());

@@ -1,0 +1,269 @@
+//! The checkpoint writer's pipeline for one large file.
+//!
+//! The calling thread converts the values into a block, hashes the block and hands it to a
+//! writer thread, which writes it at its offset while the next block is filled and hashed:
+//! sha256 overlaps the disk instead of adding to it, and each byte is produced once.
+//!
+//! With `direct`, the file is opened with `O_DIRECT` and the blocks (aligned, whole 4 KiB
+//! units, the last one padded and the file cut back to its length afterwards) go from this
+//! process's memory to the device without a copy into the page cache. That copy is what
+//! made buffered saves slow and erratic on virtual machines, where fresh page-cache pages
+//! are first touched on the host; the page cache is also not filled with gigabytes that
+//! count against a cgroup's memory limit. A filesystem that refuses `O_DIRECT` at `open`
+//! or at the first write gets ordinary buffered writes.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+
+use sha2::{Digest, Sha256};
+
+use crate::{Error, Result};
+
+/// Alignment of `O_DIRECT` buffers, offsets and lengths (the largest logical block size in
+/// common use).
+const ALIGN: usize = 4096;
+/// Bytes per block (and per write).
+const BLOCK: usize = 1 << 20;
+/// Blocks per file: one filled and hashed while the others wait for or are in the write.
+const BLOCKS: usize = 4;
+
+/// A `BLOCK`-byte buffer whose start is `ALIGN`-aligned.
+struct Block {
+    raw: Vec<u8>,
+    start: usize,
+}
+
+impl Block {
+    fn new() -> Self {
+        let raw = vec![0u8; BLOCK + ALIGN];
+        let start = (ALIGN - raw.as_ptr() as usize % ALIGN) % ALIGN;
+        Self { raw, start }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.raw[self.start..self.start + BLOCK]
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + BLOCK]
+    }
+}
+
+/// Where the producer puts a file's bytes: blocks, hashed as they fill, written by the
+/// writer thread.
+pub(super) struct Pipe {
+    block: Option<Block>,
+    fill: usize,
+    bytes: u64,
+    hash: Sha256,
+    direct: bool,
+    unallocated: usize,
+    to_writer: Option<SyncSender<Msg>>,
+    free: Receiver<Block>,
+}
+
+/// The writer thread stopped (its own error is reported instead).
+fn writer_gone() -> io::Error {
+    io::Error::other("the checkpoint writer thread stopped")
+}
+
+impl Pipe {
+    /// Appends bytes.
+    pub(super) fn push_bytes(&mut self, mut b: &[u8]) -> io::Result<()> {
+        while !b.is_empty() {
+            let fill = self.fill;
+            let block = self.block()?;
+            let n = (BLOCK - fill).min(b.len());
+            block.bytes_mut()[fill..fill + n].copy_from_slice(&b[..n]);
+            self.fill += n;
+            b = &b[n..];
+            if self.fill == BLOCK {
+                self.send()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends `v` as little-endian f32 bytes (a copy of its memory on little-endian
+    /// machines).
+    #[cfg(target_endian = "little")]
+    pub(super) fn push_f32(&mut self, v: &[f32]) -> io::Result<()> {
+        self.push_bytes(bytemuck::cast_slice(v))
+    }
+
+    /// Appends `v` as little-endian f32 bytes.
+    #[cfg(not(target_endian = "little"))]
+    pub(super) fn push_f32(&mut self, v: &[f32]) -> io::Result<()> {
+        for x in v {
+            self.push_bytes(&x.to_le_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// The block being filled: a new one while fewer than `BLOCKS` exist, else the next one
+    /// the writer hands back.
+    fn block(&mut self) -> io::Result<&mut Block> {
+        if self.block.is_none() {
+            let b = if self.unallocated > 0 {
+                self.unallocated -= 1;
+                Block::new()
+            } else {
+                self.free.recv().map_err(|_| writer_gone())?
+            };
+            self.block = Some(b);
+        }
+        self.block.as_mut().ok_or_else(writer_gone)
+    }
+
+    /// Hashes the filled part of the block and passes it to the writer (with `O_DIRECT`,
+    /// padded to whole `ALIGN` units).
+    fn send(&mut self) -> io::Result<()> {
+        let Some(block) = self.block.take() else {
+            return Ok(());
+        };
+        let fill = self.fill;
+        self.hash.update(&block.bytes()[..fill]);
+        self.bytes += fill as u64;
+        self.fill = 0;
+        let len = if self.direct {
+            fill.div_ceil(ALIGN) * ALIGN
+        } else {
+            fill
+        };
+        let mut block = block;
+        block.bytes_mut()[fill..len].fill(0);
+        let tx = self.to_writer.as_ref().ok_or_else(writer_gone)?;
+        tx.send(Msg::Block(block, len)).map_err(|_| writer_gone())
+    }
+
+    /// Sends the last block and the end: the file's length and sha256.
+    fn finish(&mut self) -> io::Result<(u64, String)> {
+        if self.fill > 0 {
+            self.send()?;
+        }
+        let tx = self.to_writer.take().ok_or_else(writer_gone)?;
+        tx.send(Msg::End(self.bytes)).map_err(|_| writer_gone())?;
+        let hash = std::mem::take(&mut self.hash);
+        Ok((self.bytes, hex::encode(hash.finalize())))
+    }
+}
+
+/// Opens `path` for writing, with `O_DIRECT` when asked and the filesystem accepts it;
+/// whether it did.
+fn open(path: &Path, direct: bool) -> io::Result<(File, bool)> {
+    let mut o = OpenOptions::new();
+    o.write(true).create(true).truncate(true);
+    if direct {
+        match o.clone().custom_flags(libc::O_DIRECT).open(path) {
+            Ok(f) => return Ok((f, true)),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((o.open(path)?, false))
+}
+
+/// What the producer sends a file's writer thread.
+enum Msg {
+    /// A block and how many of its bytes to write.
+    Block(Block, usize),
+    /// The file is complete at this length.
+    End(u64),
+}
+
+/// The writer thread of one file: writes each block at its offset and hands it back; at the
+/// end cuts the padding of the last `O_DIRECT` block and syncs the file. A filesystem that
+/// refuses the first `O_DIRECT` write gets the file reopened for buffered writes. A producer
+/// that stops without `End` (it failed) leaves the file unsynced.
+fn writer(
+    path: &Path,
+    mut file: File,
+    padded: bool,
+    blocks: Receiver<Msg>,
+    back: SyncSender<Block>,
+) -> io::Result<()> {
+    let mut offset = 0u64;
+    let mut direct = padded;
+    for msg in blocks {
+        let (block, len) = match msg {
+            Msg::Block(block, len) => (block, len),
+            Msg::End(len) => {
+                if padded {
+                    file.set_len(len)?;
+                }
+                return file.sync_all();
+            }
+        };
+        let data = &block.bytes()[..len];
+        match file.write_all_at(data, offset) {
+            Err(e) if direct && offset == 0 && e.raw_os_error() == Some(libc::EINVAL) => {
+                file = OpenOptions::new().write(true).open(path)?;
+                direct = false;
+                file.write_all_at(data, offset)?;
+            }
+            r => r?,
+        }
+        offset += len as u64;
+        // The producer may have finished and stopped taking blocks back.
+        let _ = back.send(block);
+    }
+    Ok(())
+}
+
+/// Writes the files `paths` one after the other from what `produce(i, pipe)` pushes for file
+/// `i`, each hashed while it is written and synced by its writer thread (so the sync of one
+/// overlaps the production of the next): their lengths and hex sha256.
+pub(super) fn write_files(
+    paths: &[PathBuf],
+    direct: bool,
+    produce: &mut dyn FnMut(usize, &mut Pipe) -> Result<()>,
+) -> Result<Vec<(u64, String)>> {
+    std::thread::scope(|scope| {
+        let mut handles = Vec::new();
+        let mut out = Vec::new();
+        let mut failed = None;
+        for (i, path) in paths.iter().enumerate() {
+            let (file, padded) = match open(path, direct) {
+                Ok(x) => x,
+                Err(e) => {
+                    failed = Some(Error::io(path)(e));
+                    break;
+                }
+            };
+            let (to_writer, blocks) = sync_channel(BLOCKS + 1);
+            let (back, free) = sync_channel(BLOCKS);
+            let handle = scope.spawn(move || writer(path, file, padded, blocks, back));
+            handles.push((path, handle));
+            let mut pipe = Pipe {
+                block: None,
+                fill: 0,
+                bytes: 0,
+                hash: Sha256::new(),
+                direct: padded,
+                unallocated: BLOCKS,
+                to_writer: Some(to_writer),
+                free,
+            };
+            match produce(i, &mut pipe).and_then(|()| pipe.finish().map_err(Error::io(path))) {
+                Ok(x) => out.push(x),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        // A writer's own error first: a producer error may only be its consequence.
+        for (path, h) in handles {
+            h.join()
+                .map_err(|_| Error::WriterPanicked)?
+                .map_err(Error::io(path))?;
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    })
+}
