@@ -187,10 +187,22 @@ fn training_with_disk_offload_checkpoints_and_resumes_bitwise() {
     let want_w = weights(t.model());
     let want_l = logged_losses(ram_dir.path());
 
-    // Disk offload, stopped after a checkpoint (step 6) and resumed by a "new process".
+    // Disk offload, stopped after a checkpoint (step 6) and resumed by a "new process";
+    // its checkpoints split the streamed optimizer state over three writer threads.
     let run = tempfile::tempdir().unwrap();
     let off = tempfile::tempdir().unwrap();
-    let mut o = opts(run.path());
+    let sharded = |d: &std::path::Path| {
+        let mut o = opts(d);
+        if let Some(c) = o.checkpoints.as_mut() {
+            c.write = eg_kernel::checkpoint::SaveOptions {
+                direct_io: true,
+                writers: 3,
+                min_shard_bytes: 0,
+            };
+        }
+        o
+    };
+    let mut o = sharded(run.path());
     o.max_steps = 6;
     let mut a = disk_trainer(model(), off.path(), o);
     let files = std::fs::read_dir(off.path()).unwrap().count();
@@ -202,7 +214,13 @@ fn training_with_disk_offload_checkpoints_and_resumes_bitwise() {
         0,
         "offload files removed with the store"
     );
-    let mut b = disk_trainer(model(), off.path(), opts(run.path()));
+    let shards = std::fs::read_dir(run.path().join("checkpoints/step-00000006"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("optimizer-"))
+        .count();
+    assert!(shards > 1, "{shards} optimizer shards");
+    let mut b = disk_trainer(model(), off.path(), sharded(run.path()));
     assert_eq!(b.resume().unwrap(), Some(6));
     b.fit().unwrap();
     assert_eq!(logged_losses(run.path()), want_l);
