@@ -3,7 +3,9 @@
 //! ```text
 //! <root>/step-00000050/
 //!     model.safetensors      weights (f32)
-//!     optimizer.safetensors  optimizer buffers, `t` and the rule in the header metadata
+//!     optimizer.safetensors  optimizer buffers, `t` and the rule in the header metadata;
+//!                            from 16 MiB of state (by default) split by tensor into
+//!                            optimizer-00001-of-0000n.safetensors, … (each with the metadata)
 //!     trainer.json           step, counters, spike window, quarantine, threads, ...
 //!     cursor.json            the data loader's cursor (eg-data)
 //!     config.toml            the resolved configuration (when known)
@@ -12,6 +14,9 @@
 //!
 //! A checkpoint is written into `<root>/.tmp-step-…-<pid>/` (each file synced), renamed into
 //! place and the root synced, so a crash leaves either the whole directory or none of it.
+//! The large files are written by [`save_with`]'s writer threads (one per core, up to 4: the
+//! weights and the first optimizer shard on one, a shard on each other), each hashing its
+//! blocks while another thread writes them with `O_DIRECT` (see [`SaveOptions`]).
 //! [`verify`] rechecks every checksum; [`newest_valid`] walks the steps from newest to oldest,
 //! skipping (with a warning naming it) any directory that is incomplete or corrupt.
 
