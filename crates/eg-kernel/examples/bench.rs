@@ -366,12 +366,16 @@ fn cpu_one_thread(rounds: usize) {
 /// are: this virtual disk writes constant data (dd's `/dev/zero`) about 1.4× faster than
 /// incompressible data, which a checkpoint's floats are.
 fn disk_bandwidth(bytes: usize, block: usize) -> f64 {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("bw");
+    let raw = random_bytes(bytes);
+    let (at, t) = (aligned(&raw), Instant::now());
+    write_synced(&dir.path().join("bw"), &raw[at..], bytes, block);
+    bytes as f64 / t.elapsed().as_secs_f64()
+}
+
+/// `bytes` pseudo-random bytes (rounded up to 4 KiB) and 4 KiB of room for alignment.
+fn random_bytes(bytes: usize) -> Vec<u8> {
     let mut raw = vec![0u8; bytes.div_ceil(4096) * 4096 + 4096];
-    let at = (4096 - raw.as_ptr() as usize % 4096) % 4096;
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ bytes as u64;
     for c in raw.chunks_mut(8) {
         x ^= x << 13;
@@ -379,28 +383,37 @@ fn disk_bandwidth(bytes: usize, block: usize) -> f64 {
         x ^= x << 17;
         c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
     }
-    let data = &raw[at..];
+    raw
+}
+
+/// Where the first 4 KiB-aligned byte of `raw` is.
+fn aligned(raw: &[u8]) -> usize {
+    (4096 - raw.as_ptr() as usize % 4096) % 4096
+}
+
+/// Writes `bytes` of `data` (aligned) to a new file `p` and syncs it: one buffered `write`
+/// (`block` 0) or `O_DIRECT` writes of `block` bytes.
+fn write_synced(p: &std::path::Path, data: &[u8], bytes: usize, block: usize) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     if block == 0 {
-        let t = Instant::now();
-        let mut f = std::fs::File::create(&p).unwrap();
+        let mut f = std::fs::File::create(p).unwrap();
         f.write_all(&data[..bytes]).unwrap();
         f.sync_all().unwrap();
-        return bytes as f64 / t.elapsed().as_secs_f64();
+        return;
     }
-    let t = Instant::now();
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .custom_flags(libc::O_DIRECT)
-        .open(&p)
+        .open(p)
         .unwrap();
     for c in data[..bytes.div_ceil(4096) * 4096].chunks(block) {
         f.write_all(c).unwrap();
     }
     f.set_len(bytes as u64).unwrap();
     f.sync_all().unwrap();
-    bytes as f64 / t.elapsed().as_secs_f64()
 }
 
 fn main() {
@@ -438,6 +451,35 @@ fn main() {
             for (b, v) in blocks.iter().zip(r) {
                 println!("block {} KiB: median {:.0} MB/s", b >> 10, median(v) / 1e6);
             }
+            // The same bytes as two files written at once (two threads, 1 MiB O_DIRECT blocks,
+            // started together), alternated with one file.
+            let (mut one, mut two) = (vec![], vec![]);
+            let dir = tempfile::tempdir().unwrap();
+            let half = mb << 19;
+            let (raw_a, raw_b) = (random_bytes(half), random_bytes(half));
+            for round in 0..9 {
+                one.push(disk_bandwidth(mb << 20, 1 << 20));
+                let go = std::sync::Barrier::new(2);
+                let t = std::thread::scope(|s| {
+                    let h = s.spawn(|| {
+                        go.wait();
+                        let p = dir.path().join(format!("b{round}"));
+                        write_synced(&p, &raw_b[aligned(&raw_b)..], half, 1 << 20);
+                    });
+                    go.wait();
+                    let t = Instant::now();
+                    let p = dir.path().join(format!("a{round}"));
+                    write_synced(&p, &raw_a[aligned(&raw_a)..], half, 1 << 20);
+                    h.join().unwrap();
+                    t.elapsed().as_secs_f64()
+                });
+                two.push((mb << 20) as f64 / t);
+            }
+            println!(
+                "1 MiB blocks: one file {:.0} MB/s, two files of half the size at once {:.0} MB/s (medians)",
+                median(one) / 1e6,
+                median(two) / 1e6
+            );
             return;
         }
         Some("save") => {
@@ -499,7 +541,8 @@ const SAVES: [(&str, bool, usize); 4] = [
 ];
 
 /// One round of synchronous saves of the checkpoint in `dir` (`SAVES`) and of the disk's
-/// sequential write bandwidth for as many bytes, in an order rotated by `round`.
+/// sequential write bandwidth for as many bytes (buffered, and `O_DIRECT` in 1 MiB and in
+/// 4 MiB blocks; the largest of the three medians counts), in an order rotated by `round`.
 struct SaveRound {
     /// Seconds of each of `SAVES`.
     secs: Vec<f64>,
@@ -507,6 +550,8 @@ struct SaveRound {
     disk: f64,
     /// Bytes per second of `O_DIRECT` writes of 1 MiB blocks + fsync.
     direct: f64,
+    /// The same with 4 MiB blocks.
+    direct4: f64,
     /// Bytes of the checkpoint.
     bytes: u64,
 }
@@ -517,9 +562,10 @@ impl SaveRound {
             secs: vec![0.0; SAVES.len()],
             disk: 0.0,
             direct: 0.0,
+            direct4: 0.0,
             bytes: 0,
         };
-        let jobs = SAVES.len() + 2;
+        let jobs = SAVES.len() + 3;
         for k in 0..jobs {
             let j = (k + round) % jobs;
             if let Some(&(_, direct_io, writers)) = SAVES.get(j) {
@@ -535,11 +581,10 @@ impl SaveRound {
                 r.secs[j] = s;
             } else {
                 let bytes = checkpoint_bytes(dir) as usize;
-                if j == SAVES.len() {
-                    r.disk = disk_bandwidth(bytes, 0);
-                } else {
-                    // the writer's block size; `bench disk` shows 1–8 MiB within noise
-                    r.direct = disk_bandwidth(bytes, 1 << 20);
+                match j - SAVES.len() {
+                    0 => r.disk = disk_bandwidth(bytes, 0),
+                    1 => r.direct = disk_bandwidth(bytes, 1 << 20),
+                    _ => r.direct4 = disk_bandwidth(bytes, 4 << 20),
                 }
             }
         }
@@ -548,13 +593,13 @@ impl SaveRound {
 
     /// The disk's sequential write bandwidth this round: the larger figure.
     fn top(&self) -> f64 {
-        self.disk.max(self.direct)
+        self.disk.max(self.direct).max(self.direct4)
     }
 
     /// One line: the saves and the disk.
     fn line(&self) -> String {
         format!(
-            "saves {} ms; save {:.0} MB/s vs disk buffered {:.0} / O_DIRECT {:.0} MB/s ({:.0}% of the larger), load {}",
+            "saves {} ms; save {:.0} MB/s vs disk buffered {:.0} / O_DIRECT 1 MiB {:.0} / 4 MiB {:.0} MB/s ({:.0}% of the largest), load {}",
             self.secs
                 .iter()
                 .map(|s| format!("{:.1}", s * 1e3))
@@ -563,6 +608,7 @@ impl SaveRound {
             self.bytes as f64 / self.secs[0] / 1e6,
             self.disk / 1e6,
             self.direct / 1e6,
+            self.direct4 / 1e6,
             100.0 * self.bytes as f64 / self.secs[0] / self.top(),
             common::load1()
         )
@@ -586,22 +632,24 @@ fn report_saves(rounds: &[SaveRound], load_before: String) {
         let s = median(rounds.iter().map(|r| r.secs[i]).collect());
         println!("  {name}: {:.1} ms = {:.0} MB/s", s * 1e3, bytes / s / 1e6);
     }
-    let (disk, direct) = (
+    let (disk, direct, direct4) = (
         median(rounds.iter().map(|r| r.disk).collect()),
         median(rounds.iter().map(|r| r.direct).collect()),
+        median(rounds.iter().map(|r| r.direct4).collect()),
     );
-    let top = disk.max(direct);
+    let top = disk.max(direct).max(direct4);
     println!(
-        "  disk: buffered write + fsync {:.0} MB/s, O_DIRECT 1 MiB writes + fsync {:.0} MB/s (medians; the larger counts)",
+        "  disk: buffered write + fsync {:.0} MB/s, O_DIRECT 1 MiB / 4 MiB writes + fsync {:.0} / {:.0} MB/s (medians; the largest counts)",
         disk / 1e6,
         direct / 1e6,
+        direct4 / 1e6,
     );
     let ratios: Vec<f64> = rounds
         .iter()
         .map(|r| r.bytes as f64 / r.secs[0] / r.top())
         .collect();
     println!(
-        "  save/disk: {:.0}% of the medians; per round, against that round's larger disk figure: median {:.0}%, min {:.0}%, {} of {} rounds >= 70%; 1-minute load {} before, {} after",
+        "  save/disk: {:.0}% of the medians; per round, against that round's largest disk figure: median {:.0}%, min {:.0}%, {} of {} rounds >= 70%; 1-minute load {} before, {} after",
         100.0 * (bytes / save) / top,
         100.0 * median(ratios.clone()),
         100.0 * ratios.iter().copied().fold(f64::INFINITY, f64::min),
