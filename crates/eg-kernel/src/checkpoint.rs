@@ -386,8 +386,10 @@ pub fn save_with(root: &Path, data: &CheckpointData, options: &SaveOptions) -> R
             options.writers,
             options.min_shard_bytes,
         );
-        // Writer 0 writes the weights and the first shard, writer i shard i; every shard
+        // Writer 0 writes the weights and the first shard, writer i shard i; an unsplit
+        // optimizer file gets a writer of its own when there are several. Every shard
         // carries the metadata.
+        let own = usize::from(shards.len() == 1 && options.writers > 1);
         let mut writers: Vec<Vec<Part<'_>>> = vec![vec![Part {
             name: MODEL.to_string(),
             head: safetensors_head(&model_entries, &BTreeMap::new())?,
@@ -404,7 +406,7 @@ pub fn save_with(root: &Path, data: &CheckpointData, options: &SaveOptions) -> R
                 first: r.start,
                 fill: &*opt_fill,
             };
-            match writers.get_mut(i) {
+            match writers.get_mut(i + own) {
                 Some(w) => w.push(part),
                 None => writers.push(vec![part]),
             }
