@@ -337,41 +337,70 @@ impl Drop for Cleanup {
 }
 
 const CHUNK: usize = 4 << 20;
-const ALIGN: usize = 4096;
 
-/// A 4096-aligned buffer for direct I/O.
-struct AlignedBuf {
+/// Alignment of buffers, offsets and lengths for `O_DIRECT` I/O: 4096 bytes, the largest
+/// logical block size in common use.
+pub const DIRECT_IO_ALIGN: usize = 4096;
+
+/// A zero-filled byte buffer whose start is [`DIRECT_IO_ALIGN`]-aligned, for `O_DIRECT`
+/// reads and writes (safe code: a slightly larger `Vec` viewed from its first aligned byte).
+#[derive(Debug)]
+pub struct AlignedBuf {
     storage: Vec<u8>,
     offset: usize,
 }
 
 impl AlignedBuf {
-    fn new(len: usize) -> Self {
-        let storage = vec![0u8; len + ALIGN];
-        let offset = storage.as_ptr().align_offset(ALIGN).min(ALIGN);
-        let mut b = Self { storage, offset };
-        // Non-zero, non-trivial content so compressing or deduplicating devices cannot cheat.
-        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        for chunk in b.as_mut().chunks_mut(8) {
+    /// `len` zero bytes.
+    pub fn zeroed(len: usize) -> Self {
+        let storage = vec![0u8; len + DIRECT_IO_ALIGN];
+        let offset = storage
+            .as_ptr()
+            .align_offset(DIRECT_IO_ALIGN)
+            .min(DIRECT_IO_ALIGN);
+        Self { storage, offset }
+    }
+
+    /// Fills the buffer with pseudo-random bytes (xorshift64 from `seed`), so that a
+    /// compressing or deduplicating device cannot make a bandwidth measurement look faster.
+    pub fn fill_pseudo_random(&mut self, seed: u64) {
+        let mut x = seed | 1;
+        for chunk in self.as_mut_slice().chunks_mut(8) {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            let bytes = x.to_le_bytes();
-            chunk.copy_from_slice(&bytes[..chunk.len()]);
+            chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
         }
-        b
     }
-    fn len(&self) -> usize {
-        self.storage.len() - ALIGN
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.storage.len() - DIRECT_IO_ALIGN
     }
-    fn as_ref(&self) -> &[u8] {
+
+    /// Whether the buffer has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
         let len = self.len();
         &self.storage[self.offset..self.offset + len]
     }
-    fn as_mut(&mut self) -> &mut [u8] {
+
+    /// The bytes, writable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
         let len = self.len();
         &mut self.storage[self.offset..self.offset + len]
     }
+}
+
+/// A probe buffer: pseudo-random content so compressing or deduplicating devices cannot cheat.
+fn probe_buf(len: usize) -> AlignedBuf {
+    let mut b = AlignedBuf::zeroed(len);
+    b.fill_pseudo_random(0x9E37_79B9_7F4A_7C15);
+    b
 }
 
 fn open_write(path: &Path, direct: bool) -> std::io::Result<File> {
@@ -457,14 +486,14 @@ pub fn measure_bandwidth(dir: &Path, limits: BandwidthLimits) -> Result<Bandwidt
         ),
     };
     let _cleanup = Cleanup(path.clone());
-    let buf = AlignedBuf::new(CHUNK);
+    let buf = probe_buf(CHUNK);
 
     // Write pass.
     let start = Instant::now();
     let mut written: u64 = 0;
     let mut direct_write = direct;
     while written < limits.max_bytes && start.elapsed() < limits.max_duration {
-        match file.write_all(buf.as_ref()) {
+        match file.write_all(buf.as_slice()) {
             Ok(()) => written += CHUNK as u64,
             Err(e) if direct_write && written == 0 && e.raw_os_error() == Some(libc::EINVAL) => {
                 // The filesystem accepted O_DIRECT at open but not for writes: reopen buffered.
@@ -498,11 +527,11 @@ pub fn measure_bandwidth(dir: &Path, limits: BandwidthLimits) -> Result<Bandwidt
     if !direct_write && !drop_cache(&rfile) {
         read_may_be_cached = true;
     }
-    let mut rbuf = AlignedBuf::new(CHUNK);
+    let mut rbuf = probe_buf(CHUNK);
     let start = Instant::now();
     let mut read: u64 = 0;
     while read < written && start.elapsed() < limits.max_duration {
-        match rfile.read(rbuf.as_mut()) {
+        match rfile.read(rbuf.as_mut_slice()) {
             Ok(0) => break,
             Ok(n) => read += n as u64,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}

@@ -22,6 +22,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::Optimizer as _;
 use eg_data::{InMemoryDataset, Loader, LoaderOptions, Placement};
+use eg_hardware::storage::AlignedBuf;
 use eg_kernel::{
     CheckpointOptions, Optimizer, OptimizerKind, Schedule, TrainModel, Trainer, TrainerOptions,
 };
@@ -368,27 +369,16 @@ fn cpu_one_thread(rounds: usize) {
 fn disk_bandwidth(bytes: usize, block: usize) -> f64 {
     let dir = tempfile::tempdir().unwrap();
     let raw = random_bytes(bytes);
-    let (at, t) = (aligned(&raw), Instant::now());
-    write_synced(&dir.path().join("bw"), &raw[at..], bytes, block);
+    let t = Instant::now();
+    write_synced(&dir.path().join("bw"), raw.as_slice(), bytes, block);
     bytes as f64 / t.elapsed().as_secs_f64()
 }
 
-/// `bytes` pseudo-random bytes (rounded up to 4 KiB) and 4 KiB of room for alignment.
-fn random_bytes(bytes: usize) -> Vec<u8> {
-    let mut raw = vec![0u8; bytes.div_ceil(4096) * 4096 + 4096];
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ bytes as u64;
-    for c in raw.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
-    }
-    raw
-}
-
-/// Where the first 4 KiB-aligned byte of `raw` is.
-fn aligned(raw: &[u8]) -> usize {
-    (4096 - raw.as_ptr() as usize % 4096) % 4096
+/// `bytes` pseudo-random bytes, rounded up to 4 KiB, in an aligned buffer.
+fn random_bytes(bytes: usize) -> AlignedBuf {
+    let mut b = AlignedBuf::zeroed(bytes.div_ceil(4096) * 4096);
+    b.fill_pseudo_random(0x9E37_79B9_7F4A_7C15 ^ bytes as u64);
+    b
 }
 
 /// Writes `bytes` of `data` (aligned) to a new file `p` and syncs it: one buffered `write`
@@ -464,12 +454,12 @@ fn main() {
                     let h = s.spawn(|| {
                         go.wait();
                         let p = dir.path().join(format!("b{round}"));
-                        write_synced(&p, &raw_b[aligned(&raw_b)..], half, 1 << 20);
+                        write_synced(&p, raw_b.as_slice(), half, 1 << 20);
                     });
                     go.wait();
                     let t = Instant::now();
                     let p = dir.path().join(format!("a{round}"));
-                    write_synced(&p, &raw_a[aligned(&raw_a)..], half, 1 << 20);
+                    write_synced(&p, raw_a.as_slice(), half, 1 << 20);
                     h.join().unwrap();
                     t.elapsed().as_secs_f64()
                 });

@@ -18,38 +18,23 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
+use eg_hardware::storage::{AlignedBuf, DIRECT_IO_ALIGN};
 use sha2::{Digest, Sha256};
 
 use crate::{Error, Result};
 
-/// Alignment of `O_DIRECT` buffers, offsets and lengths (the largest logical block size in
-/// common use).
-const ALIGN: usize = 4096;
+/// Alignment of `O_DIRECT` buffers, offsets and lengths.
+const ALIGN: usize = DIRECT_IO_ALIGN;
 /// Bytes per block (and per write).
 const BLOCK: usize = 1 << 20;
 /// Blocks per file: one filled and hashed while the others wait for or are in the write.
 const BLOCKS: usize = 4;
 
-/// A `BLOCK`-byte buffer whose start is `ALIGN`-aligned.
-struct Block {
-    raw: Vec<u8>,
-    start: usize,
-}
+/// A `BLOCK`-byte aligned buffer.
+type Block = AlignedBuf;
 
-impl Block {
-    fn new() -> Self {
-        let raw = vec![0u8; BLOCK + ALIGN];
-        let start = (ALIGN - raw.as_ptr() as usize % ALIGN) % ALIGN;
-        Self { raw, start }
-    }
-
-    fn bytes(&self) -> &[u8] {
-        &self.raw[self.start..self.start + BLOCK]
-    }
-
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.raw[self.start..self.start + BLOCK]
-    }
+fn new_block() -> Block {
+    AlignedBuf::zeroed(BLOCK)
 }
 
 /// Where the producer puts a file's bytes: blocks, hashed as they fill, written by the
@@ -77,7 +62,7 @@ impl Pipe {
             let fill = self.fill;
             let block = self.block()?;
             let n = (BLOCK - fill).min(b.len());
-            block.bytes_mut()[fill..fill + n].copy_from_slice(&b[..n]);
+            block.as_mut_slice()[fill..fill + n].copy_from_slice(&b[..n]);
             self.fill += n;
             b = &b[n..];
             if self.fill == BLOCK {
@@ -109,7 +94,7 @@ impl Pipe {
         if self.block.is_none() {
             let b = if self.unallocated > 0 {
                 self.unallocated -= 1;
-                Block::new()
+                new_block()
             } else {
                 self.free.recv().map_err(|_| writer_gone())?
             };
@@ -125,7 +110,7 @@ impl Pipe {
             return Ok(());
         };
         let fill = self.fill;
-        self.hash.update(&block.bytes()[..fill]);
+        self.hash.update(&block.as_slice()[..fill]);
         self.bytes += fill as u64;
         self.fill = 0;
         let len = if self.direct {
@@ -134,7 +119,7 @@ impl Pipe {
             fill
         };
         let mut block = block;
-        block.bytes_mut()[fill..len].fill(0);
+        block.as_mut_slice()[fill..len].fill(0);
         let tx = self.to_writer.as_ref().ok_or_else(writer_gone)?;
         tx.send(Msg::Block(block, len)).map_err(|_| writer_gone())
     }
@@ -197,7 +182,7 @@ fn writer(
                 return file.sync_all();
             }
         };
-        let data = &block.bytes()[..len];
+        let data = &block.as_slice()[..len];
         match file.write_all_at(data, offset) {
             Err(e) if direct && offset == 0 && e.raw_os_error() == Some(libc::EINVAL) => {
                 file = OpenOptions::new().write(true).open(path)?;
