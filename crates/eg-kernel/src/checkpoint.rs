@@ -9,7 +9,8 @@
 //!     trainer.json           step, counters, spike window, quarantine, threads, ...
 //!     cursor.json            the data loader's cursor (eg-data)
 //!     config.toml            the resolved configuration (when known)
-//!     manifest.json          sha256 and size of every file above; written last
+//!     manifest.json          sha256 and size of every file above; written last (format 2
+//!                            when the optimizer state is in shards, else 1)
 //! ```
 //!
 //! A checkpoint is written into `<root>/.tmp-step-…-<pid>/` (each file synced), renamed into
@@ -37,6 +38,10 @@ use pipe::Pipe;
 mod pipe;
 use crate::optim::{OptimizerKind, OptimizerState, OptimizerStream};
 use crate::{Error, Result};
+
+/// The newest manifest format this build reads: 1 has `optimizer.safetensors`, 2 (sharded
+/// optimizer state) `optimizer-i-of-n.safetensors`.
+const FORMAT: u32 = 2;
 
 /// Name of the manifest file.
 pub const MANIFEST: &str = "manifest.json";
@@ -87,7 +92,7 @@ pub struct FileEntry {
 /// The manifest of a checkpoint directory.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
-    /// Format version.
+    /// Format version: 1, or 2 when the optimizer state is in shards.
     pub format: u32,
     /// Optimizer steps done.
     pub step: u64,
@@ -223,7 +228,11 @@ fn write_parts(
         paths.get(i),
     ) {
         (Some(part), Some(path)) => safetensors_pass(path, part, pipe),
-        _ => Err(Error::WriterPanicked),
+        _ => Err(Error::StateMismatch {
+            what: "checkpoint file index".into(),
+            expected: format!("below {}", parts.len()),
+            found: i.to_string(),
+        }),
     })?;
     Ok(parts
         .iter()
@@ -278,18 +287,19 @@ fn optimizer_file(i: usize, n: usize) -> String {
     }
 }
 
-/// The optimizer files a manifest lists, in order: `optimizer.safetensors`, or every shard
-/// `optimizer-i-of-n.safetensors`; `None` when they are missing or incomplete.
+/// The optimizer files a manifest lists, in order: `optimizer.safetensors` alone, or exactly
+/// the shards `optimizer-i-of-n.safetensors` for every `i` of one `n`; `None` for anything
+/// else (missing, incomplete, mixed or stray files).
 fn optimizer_files(m: &Manifest) -> Option<Vec<String>> {
-    if m.files.contains_key(OPTIMIZER) {
-        return Some(vec![OPTIMIZER.to_string()]);
-    }
-    let n = m
+    let listed: Vec<&String> = m
         .files
         .keys()
-        .filter_map(|k| k.strip_prefix("optimizer-")?.strip_suffix(".safetensors"))
-        .filter_map(|k| k.split_once("-of-")?.1.parse::<usize>().ok())
-        .next()?;
+        .filter(|k| k.starts_with("optimizer") && k.ends_with(".safetensors"))
+        .collect();
+    if let [one] = listed.as_slice() {
+        return (one.as_str() == OPTIMIZER).then(|| vec![OPTIMIZER.to_string()]);
+    }
+    let n = listed.len();
     let names: Vec<String> = (0..n).map(|i| optimizer_file(i, n)).collect();
     (n > 1 && names.iter().all(|f| m.files.contains_key(f))).then_some(names)
 }
@@ -432,20 +442,30 @@ pub fn save_with(root: &Path, data: &CheckpointData, options: &SaveOptions) -> R
                 }
                 Ok::<_, Error>(out)
             });
-            let (first, rest) = writers.split_first().ok_or(Error::WriterPanicked)?;
+            let (first, rest): (&[Part<'_>], &[Vec<Part<'_>>]) = match writers.split_first() {
+                Some((first, rest)) => (first, rest),
+                None => (&[], &[]),
+            };
             let handles: Vec<_> = rest
                 .iter()
                 .map(|parts| scope.spawn(|| write_parts(&tmp, parts, options.direct_io)))
                 .collect();
-            let mut written = write_parts(&tmp, first, options.direct_io)?;
+            // Every thread joined before returning (one left unjoined after a panic would
+            // make `scope` panic); the first error wins.
+            let mut written = write_parts(&tmp, first, options.direct_io);
             for h in handles.into_iter().chain([small]) {
-                written.extend(h.join().map_err(|_| Error::WriterPanicked)??);
+                let r = h.join().unwrap_or(Err(Error::WriterPanicked));
+                match (&mut written, r) {
+                    (Ok(w), Ok(more)) => w.extend(more),
+                    (Ok(_), Err(e)) => written = Err(e),
+                    (Err(_), _) => {}
+                }
             }
-            Ok::<_, Error>(written)
+            written
         })?;
         files.extend(written);
         let manifest = Manifest {
-            format: 1,
+            format: if shards.len() > 1 { 2 } else { 1 },
             step: data.step,
             threads: data.threads,
             eval_loss: data.eval_loss,
@@ -484,6 +504,15 @@ pub fn verify(dir: &Path) -> Result<Manifest> {
     let bytes = std::fs::read(dir.join(MANIFEST)).map_err(|e| corrupt(MANIFEST, e.to_string()))?;
     let m: Manifest =
         serde_json::from_slice(&bytes).map_err(|e| corrupt(MANIFEST, e.to_string()))?;
+    if m.format > FORMAT {
+        return Err(corrupt(
+            MANIFEST,
+            format!(
+                "format {} is newer than this build reads (up to {FORMAT}); resume with a newer eg",
+                m.format
+            ),
+        ));
+    }
     for r in REQUIRED {
         if !m.files.contains_key(r) {
             return Err(corrupt(r, "not listed in the manifest".into()));
@@ -571,11 +600,22 @@ pub fn load(dir: &Path) -> Result<CheckpointData> {
     let opt_files = optimizer_files(&m).unwrap_or_default();
     let mut buffers = NamedBuffers::new();
     let mut meta = BTreeMap::new();
-    let opt_file = opt_files.last().map_or(OPTIMIZER, String::as_str);
-    for f in &opt_files {
+    let opt_file = opt_files.first().map_or(OPTIMIZER, String::as_str);
+    for (i, f) in opt_files.iter().enumerate() {
         let (b, m) = read_f32_map(&dir.join(f))?;
-        buffers.extend(b);
-        meta = m;
+        if i == 0 {
+            meta = m;
+        } else if m != meta {
+            return Err(corrupt(
+                f,
+                format!("its metadata differs from {opt_file}'s"),
+            ));
+        }
+        for (name, v) in b {
+            if buffers.insert(name.clone(), v).is_some() {
+                return Err(corrupt(f, format!("`{name}` is also in another shard")));
+            }
+        }
     }
     let t = meta
         .get("t")
@@ -739,5 +779,20 @@ mod tests {
         assert_eq!(optimizer_files(&manifest(&refs)), Some(all.clone()));
         assert_eq!(optimizer_files(&manifest(&refs[..2])), None);
         assert_eq!(optimizer_files(&manifest(&["model.safetensors"])), None);
+        // one form only, no stray shard, no absurd count
+        let mixed = [refs[0], refs[1], refs[2], "optimizer.safetensors"];
+        assert_eq!(optimizer_files(&manifest(&mixed)), None);
+        let stray = [
+            "optimizer-00001-of-00002.safetensors",
+            "optimizer-00002-of-00002.safetensors",
+            "optimizer-00003-of-00003.safetensors",
+        ];
+        assert_eq!(optimizer_files(&manifest(&stray)), None);
+        let huge = ["optimizer-00001-of-9000000000000000000.safetensors"];
+        assert_eq!(optimizer_files(&manifest(&huge)), None);
+        assert_eq!(
+            optimizer_files(&manifest(&["optimizer-00001-of-00001.safetensors"])),
+            None
+        );
     }
 }

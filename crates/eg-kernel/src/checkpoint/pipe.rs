@@ -136,15 +136,15 @@ impl Pipe {
     }
 }
 
-/// Opens `path` for writing, with `O_DIRECT` when asked and the filesystem accepts it;
-/// whether it did.
+/// Opens `path` for writing, with `O_DIRECT` when asked and the filesystem accepts it
+/// (`EINVAL` or `EOPNOTSUPP` means it does not); whether it did.
 fn open(path: &Path, direct: bool) -> io::Result<(File, bool)> {
     let mut o = OpenOptions::new();
     o.write(true).create(true).truncate(true);
     if direct {
         match o.clone().custom_flags(libc::O_DIRECT).open(path) {
             Ok(f) => return Ok((f, true)),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {}
             Err(e) => return Err(e),
         }
     }
@@ -161,7 +161,7 @@ enum Msg {
 
 /// The writer thread of one file: writes each block at its offset and hands it back; at the
 /// end cuts the padding of the last `O_DIRECT` block and syncs the file. A filesystem that
-/// refuses the first `O_DIRECT` write gets the file reopened for buffered writes. A producer
+/// refuses an `O_DIRECT` write gets the file reopened for buffered writes. A producer
 /// that stops without `End` (it failed) leaves the file unsynced.
 fn writer(
     path: &Path,
@@ -184,7 +184,10 @@ fn writer(
         };
         let data = &block.as_slice()[..len];
         match file.write_all_at(data, offset) {
-            Err(e) if direct && offset == 0 && e.raw_os_error() == Some(libc::EINVAL) => {
+            // `O_DIRECT` refused (not supported, or an alignment larger than `ALIGN`, which
+            // shows at the padded last block): this block and the rest buffered. The blocks
+            // before stay where they are, and the padding is still cut at the end.
+            Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
                 file = OpenOptions::new().write(true).open(path)?;
                 direct = false;
                 file.write_all_at(data, offset)?;
@@ -240,13 +243,19 @@ pub(super) fn write_files(
                 }
             }
         }
-        // A writer's own error first: a producer error may only be its consequence.
+        // Every writer joined (one left unjoined after a panic would make `scope` panic);
+        // a writer's own error first: a producer error may only be its consequence.
+        let mut writer_failed = None;
         for (path, h) in handles {
-            h.join()
-                .map_err(|_| Error::WriterPanicked)?
-                .map_err(Error::io(path))?;
+            let r = match h.join() {
+                Ok(r) => r,
+                Err(_) => Err(io::Error::other("the checkpoint writer thread panicked")),
+            };
+            if let Err(e) = r {
+                writer_failed.get_or_insert(Error::io(path)(e));
+            }
         }
-        match failed {
+        match writer_failed.or(failed) {
             Some(e) => Err(e),
             None => Ok(out),
         }
@@ -307,6 +316,64 @@ mod tests {
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
         assert_eq!(back, v);
+    }
+
+    /// Sends `blocks` (bytes, length to write) and the end at `len` to a writer of a new
+    /// `O_DIRECT` file and returns the file's contents.
+    fn write_raw(blocks: &[(&[u8], usize)], len: u64) -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let (file, padded) = open(&path, true).unwrap();
+        assert!(
+            padded,
+            "this test needs a filesystem with O_DIRECT under the temp dir"
+        );
+        let (tx, rx) = sync_channel(BLOCKS + 1);
+        let (back, _free) = sync_channel(BLOCKS);
+        for &(data, n) in blocks {
+            let mut b = new_block();
+            b.as_mut_slice()[..data.len()].copy_from_slice(data);
+            b.as_mut_slice()[data.len()..n].fill(0xEE); // padding, to be cut
+            tx.send(Msg::Block(b, n)).unwrap();
+        }
+        tx.send(Msg::End(len)).unwrap();
+        drop(tx);
+        writer(&path, file, padded, rx, back).unwrap();
+        std::fs::read(&path).unwrap()
+    }
+
+    /// A device refusing `O_DIRECT` for a misaligned write (as one with larger blocks than
+    /// 4 KiB does at the padded last block), at the first or a later block: the file is
+    /// finished with buffered writes and its padding cut.
+    #[test]
+    fn refused_direct_writes_fall_back_and_cut_the_padding() {
+        let data = bytes(ALIGN + 100);
+        let got = write_raw(&[(&data, data.len() + 7)], data.len() as u64);
+        assert_eq!(got, data);
+        let data = bytes(BLOCK + 100);
+        let (a, b) = data.split_at(BLOCK);
+        let got = write_raw(&[(a, BLOCK), (b, 100 + 9)], data.len() as u64);
+        assert_eq!(got, data);
+    }
+
+    /// The second file's device is full, or its directory is missing: its error, no hang.
+    #[test]
+    fn a_later_file_failing_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        for direct in [true, false] {
+            for bad in [PathBuf::from("/dev/full"), dir.path().join("no/such/dir/f")] {
+                let paths = vec![dir.path().join(format!("a{direct}")), bad.clone()];
+                let err = write_files(&paths, direct, &mut |_, pipe| {
+                    pipe.push_bytes(&bytes(6 * BLOCK + 3))
+                        .map_err(Error::io("x"))
+                })
+                .unwrap_err();
+                match err {
+                    Error::Io { path, .. } => assert_eq!(path, bad),
+                    e => panic!("{e}"),
+                }
+            }
+        }
     }
 
     /// A failing producer stops the files (no hang) and its error comes back.
