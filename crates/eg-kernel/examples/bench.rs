@@ -733,6 +733,21 @@ fn save_report(mb: usize, rounds: usize) {
     let src = tempfile::tempdir().unwrap();
     let dir = eg_kernel::checkpoint::save(src.path(), &data).unwrap();
     drop(data);
+    // Verifying it (what a resume does first), the first time from the disk (the writer
+    // left nothing in the page cache), then from the page cache; then a load.
+    let mut times = vec![];
+    for _ in 0..3 {
+        let t = Instant::now();
+        eg_kernel::checkpoint::verify(&dir).unwrap();
+        times.push(format!("{:.0}", t.elapsed().as_secs_f64() * 1e3));
+    }
+    let t = Instant::now();
+    drop(eg_kernel::checkpoint::load(&dir).unwrap());
+    println!(
+        "verify: {} ms; load (verify + read): {:.0} ms",
+        times.join(" / "),
+        t.elapsed().as_secs_f64() * 1e3
+    );
     let load_before = common::load1();
     let mut saves = vec![];
     for round in 0..rounds {
