@@ -231,7 +231,8 @@ impl<M: TrainModel> Objective<M> for CausalLm {
 }
 
 impl CausalLm {
-    /// The micro-batch loss; with `fused`, through the model's fused step when it has one.
+    /// The micro-batch loss through the model's fused step when it has one: with `fused`
+    /// the whole step (the gradients come back), without it the forward only (evaluation).
     fn loss<M: TrainModel>(
         &self,
         model: &M,
@@ -246,15 +247,25 @@ impl CausalLm {
             return Ok(None);
         }
         let weight = count as f64 / normaliser;
-        if fused && !self.document_masks {
-            // The model's fused step (same loss, hand-written backward), when it has one.
+        if !self.document_masks {
+            // The model's fused step (same loss, hand-written backward), when it has one;
+            // for evaluation its forward alone, which keeps no graph and no activations.
             let ids = row_ids(batch, &rows)?;
-            if let Some((value, grads)) = model.fused_causal_lm(&ids, &t, weight)? {
+            let fused = if fused {
+                model
+                    .fused_causal_lm(&ids, &t, weight)?
+                    .map(|(value, grads)| (value, Some(grads)))
+            } else {
+                model
+                    .fused_causal_lm_loss(&ids, &t, weight)?
+                    .map(|value| (value, None))
+            };
+            if let Some((value, grads)) = fused {
                 return Ok(Some(MicroLoss {
                     loss: Tensor::new(value, &Device::Cpu)?,
                     value,
                     metrics: Vec::new(),
-                    grads: Some(grads),
+                    grads,
                 }));
             }
         }

@@ -87,6 +87,17 @@ pub trait TrainModel {
     ) -> Result<Option<(f64, GradStore)>> {
         Ok(None)
     }
+    /// The loss [`TrainModel::fused_causal_lm`] would return, forward only and without
+    /// building candle's graph (evaluation); `Ok(None)` when the model has no fused step for
+    /// its current settings.
+    fn fused_causal_lm_loss(
+        &self,
+        _ids: &Tensor,
+        _targets: &[Option<u32>],
+        _weight: f64,
+    ) -> Result<Option<f64>> {
+        Ok(None)
+    }
     /// Whether the model trains adapters over a frozen base (LoRA): DPO then uses the base
     /// ([`TrainModel::base_logits`]) as its reference.
     fn has_adapters(&self) -> bool {
@@ -142,6 +153,18 @@ impl TrainModel for eg_model::Llama {
         }
         let step = self.fused_step(ids, targets, weight)?;
         Ok(Some((step.loss, step.grads)))
+    }
+
+    fn fused_causal_lm_loss(
+        &self,
+        ids: &Tensor,
+        targets: &[Option<u32>],
+        weight: f64,
+    ) -> Result<Option<f64>> {
+        if self.fused_step_unavailable(ids.dim(1)?).is_some() {
+            return Ok(None);
+        }
+        Ok(Some(self.fused_loss(ids, targets, weight)?.0))
     }
 
     fn has_adapters(&self) -> bool {

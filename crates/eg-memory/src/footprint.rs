@@ -456,15 +456,11 @@ pub struct Estimate {
     /// offload.
     pub checkpoint_buffers: Bytes,
     /// Evaluation phase, with a fused step only ([`ModelProfile::fused`]): eg-kernel
-    /// evaluates with the same micro-batch through the model's ordinary forward, whose
-    /// candle graph keeps the autograd path's activations (the autograd
-    /// [`Estimate::activations`] formula) until the loss is dropped, while a background
-    /// checkpoint copy may still run ([`Estimate::checkpoint_in_flight`]). Without a fused
-    /// step the training step keeps the same activations and more, and this term is 0.
-    /// Plus [`MemoryModel::adapter_heap_retention_permille`] ‰ of those activations: the
-    /// allocator's retention of freed buffers on candle's path, as with adapters (measured:
-    /// the evaluation peaks of the 2026-11-29 grid are 7–9 % above the activation formula
-    /// without checkpointing).
+    /// evaluates with the same micro-batch through the fused forward (`Llama::fused_loss`),
+    /// which keeps no graph: the hidden state, one block's activations and the head's, per
+    /// token, while a background checkpoint copy may still run
+    /// ([`Estimate::checkpoint_in_flight`]). Smaller than the step phase; without a fused
+    /// step the training step keeps at least as much, and this term is 0.
     #[serde(default = "zero_bytes")]
     pub evaluation: Bytes,
     /// The predicted peak: persistent terms + the largest of the phases (step,
@@ -561,6 +557,17 @@ pub struct MemoryModel {
     /// run the same candle path.
     #[serde(default)]
     pub adapter_heap_retention_permille: u32,
+    /// The checkpoint writer's blocks while it writes, at most (eg-kernel: 4 blocks of 1 MiB
+    /// per file in flight, one file per writer thread, a finishing file's blocks overlapping
+    /// the next's); no more than the checkpoint's bytes, since only written parts of a block
+    /// become resident. In the checkpoint phase, and in the step phase when a background
+    /// writer runs beside the step ([`MemoryModel::in_flight_copies`] > 0).
+    #[serde(default = "default_checkpoint_writer")]
+    pub checkpoint_writer: Bytes,
+}
+
+fn default_checkpoint_writer() -> Bytes {
+    Bytes(16 << 20)
 }
 
 impl Default for MemoryModel {
@@ -586,6 +593,8 @@ impl Default for MemoryModel {
             // rank 16 on small-llama peak 36–46 MiB (7–12 % of the step phase) above glibc's
             // defaults; full training (fused step or autograd) within ±4 MiB.
             adapter_heap_retention_permille: 100,
+            // Two writer threads (2 cores) × two files' blocks × 4 MiB.
+            checkpoint_writer: default_checkpoint_writer(),
         }
     }
 }
@@ -722,19 +731,33 @@ impl MemoryModel {
         let fused = profile
             .fused
             .filter(|_| setup.adapters == Adapters::None && setup.precision == Precision::F32);
+        // The writer's blocks are touched only as far as there are bytes to write.
+        let writer_blocks = self
+            .checkpoint_writer
+            .0
+            .min(f32_params.saturating_add(state));
+        let writer = if self.in_flight_copies > 0 {
+            writer_blocks
+        } else {
+            0
+        };
         let evaluation = match fused {
             None => 0,
-            Some(_) => {
+            Some(f) => {
                 let in_flight = mul(
                     u64::from(self.in_flight_copies),
                     f32_params.saturating_add(state_in_ram),
                 );
-                // The allocator's retention on candle's path, as with adapters.
-                let retained =
-                    mul(activations, u64::from(self.adapter_heap_retention_permille)) / 1000;
+                // The fused forward: the hidden state, one block's activations (dropped
+                // when the next block has its input) and the head's.
+                let per_token = profile
+                    .hidden_size
+                    .saturating_add(f.block_activation_elems_per_token)
+                    .saturating_add(mul(f.block_activation_elems_per_token_per_position, s))
+                    .saturating_add(f.head_activation_elems_per_token);
                 in_flight
-                    .saturating_add(activations)
-                    .saturating_add(retained)
+                    .saturating_add(writer)
+                    .saturating_add(mul(mul(n, per_token), F32_BYTES))
             }
         };
         let (activations, transient) = match fused {
@@ -762,13 +785,15 @@ impl MemoryModel {
         let checkpoint_in_flight = mul(
             u64::from(self.in_flight_copies),
             f32_params.saturating_add(state_in_ram),
-        );
+        )
+        .saturating_add(writer);
 
         // Checkpoint phase.
         let checkpoint_buffers = mul(
             u64::from(self.checkpoint_copies),
             f32_params.saturating_add(state_in_ram),
-        );
+        )
+        .saturating_add(writer_blocks);
 
         // Heap fragmentation on the autograd path with adapters (measured, see the field).
         let heap_retention = match setup.adapters {
@@ -868,6 +893,7 @@ mod tests {
             checkpoint_copies: 0,
             in_flight_copies: 0,
             adapter_heap_retention_permille: 0,
+            checkpoint_writer: Bytes(0),
         }
     }
 
@@ -1104,9 +1130,9 @@ mod tests {
         assert_eq!(e.activations, Bytes(3_120_000));
         // 200 · (700 + 2·100) · 4: no logits' gradient of its own (it overwrites them).
         assert_eq!(e.transient, Bytes(720_000));
-        // Evaluation keeps the autograd activations (the worked example's 6.24e6).
-        assert_eq!(e.evaluation, Bytes(6_240_000));
-        // Persistent 16e6 + max(step 4e6 + 3.12e6 + 0.72e6, evaluation 6.24e6).
+        // Evaluation through the fused forward: 200 · (100 + 500 + 4·100 + 300) · 4.
+        assert_eq!(e.evaluation, Bytes(1_040_000));
+        // Persistent 16e6 + max(step 4e6 + 3.12e6 + 0.72e6, evaluation 1.04e6).
         assert_eq!(e.peak, Bytes(16_000_000 + 7_840_000));
         // Checkpointing: 4 block inputs of 100 + one block + head.
         let ck = Setup {
@@ -1115,14 +1141,14 @@ mod tests {
         };
         let e = m.estimate(&toy_fused(), &ck).unwrap();
         assert_eq!(e.activations, Bytes(200 * (400 + 900 + 300) * 4));
-        // With the in-flight copy and the allocator's retention on the evaluation.
+        // With the in-flight copy (the allocator's retention is on candle's path only).
         let m2 = MemoryModel {
             in_flight_copies: 1,
             adapter_heap_retention_permille: 100,
             ..zero_overhead()
         };
         let e = m2.estimate(&toy_fused(), &setup()).unwrap();
-        assert_eq!(e.evaluation, Bytes(12_000_000 + 6_240_000 + 624_000));
+        assert_eq!(e.evaluation, Bytes(12_000_000 + 1_040_000));
         // Adapters and mixed precision run the autograd path: the fused counts are ignored.
         for s in [
             Setup {

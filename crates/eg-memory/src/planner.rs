@@ -726,6 +726,7 @@ mod tests {
             checkpoint_copies: 0,
             in_flight_copies: 0,
             adapter_heap_retention_permille: 0,
+            checkpoint_writer: Bytes(0),
         }
     }
 

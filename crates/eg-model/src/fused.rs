@@ -595,16 +595,44 @@ impl Llama {
             });
         }
         match self.dtype() {
-            DType::F64 => self.fused_step_typed::<f64>(ids, targets, weight),
-            _ => self.fused_step_typed::<f32>(ids, targets, weight),
+            DType::F64 => self.fused_step_typed::<f64>(ids, targets, weight, true),
+            _ => self.fused_step_typed::<f32>(ids, targets, weight, true),
         }
     }
 
+    /// The loss of [`Llama::fused_step`] (`weight × mean cross entropy`) and its count,
+    /// forward only: each layer's activations are dropped as soon as the next layer has its
+    /// input, so the peak is one layer's transients and the logits (evaluation, with no
+    /// graph kept). The same settings are required ([`Llama::fused_step_unavailable`]); the
+    /// loss is bitwise the one the fused step returns.
+    pub fn fused_loss(
+        &self,
+        ids: &Tensor,
+        targets: &[Option<u32>],
+        weight: f64,
+    ) -> Result<(f64, usize)> {
+        let (_, t) = ids.dims2()?;
+        if let Some(why) = self.fused_step_unavailable(t) {
+            tracing::debug!(reason = why, "fused loss unavailable");
+            return Err(Error::Unsupported {
+                what: "the fused forward with this model setting",
+                issue: 9,
+            });
+        }
+        let step = match self.dtype() {
+            DType::F64 => self.fused_step_typed::<f64>(ids, targets, weight, false),
+            _ => self.fused_step_typed::<f32>(ids, targets, weight, false),
+        }?;
+        Ok((step.loss, step.count))
+    }
+
+    /// The fused step; without `backward`, the forward and the loss only (no gradients).
     fn fused_step_typed<T: Real>(
         &self,
         ids: &Tensor,
         targets: &[Option<u32>],
         weight: f64,
+        backward: bool,
     ) -> Result<FusedStep> {
         let cfg = &self.cfg;
         let (b, t) = ids.dims2()?;
@@ -683,11 +711,13 @@ impl Llama {
         let mut kept: Vec<Kept<T>> = Vec::with_capacity(layers.len());
         for w in &layers {
             let (sv, x2) = layer_forward(w, x, &cos, &sin, &s)?;
-            kept.push(if checkpointing {
-                Kept::Input(sv.x)
+            if !backward {
+                // evaluation: nothing is kept
+            } else if checkpointing {
+                kept.push(Kept::Input(sv.x));
             } else {
-                Kept::All(Box::new(sv))
-            });
+                kept.push(Kept::All(Box::new(sv)));
+            }
             x = x2;
         }
         let xf = ops::rms_fwd(&x, norm, h, s.eps);
@@ -698,6 +728,14 @@ impl Llama {
         // As `cross_entropy(..) * weight`: the mean in f64 rounded to T, times weight in T.
         let loss = (T::from_f64(sum / count as f64) * T::from_f64(weight)).to_f64();
         let forward_seconds = started.elapsed().as_secs_f64();
+        if !backward {
+            return Ok(FusedStep {
+                loss,
+                count,
+                grads: GradStore::default(),
+                forward_seconds,
+            });
+        }
 
         // ---- backward ----
         let mut grads = GradStore::default();

@@ -57,3 +57,21 @@ fn issue_9_trainer_with_the_fused_step_matches_autograd() {
     // And training went somewhere.
     assert!(fused[4] < fused[0]);
 }
+
+/// Evaluation through the fused forward (no graph, no kept activations) gives the loss
+/// candle's forward gives, bitwise at the same weights.
+#[test]
+fn evaluation_with_the_fused_forward_matches_autograd() {
+    let mut fused = trainer(model(), 4, options(1, 2));
+    let mut autograd = trainer(Autograd(model()), 4, options(1, 2));
+    let (a, b) = (fused.evaluate().unwrap(), autograd.evaluate().unwrap());
+    assert!(a.tokens > 0);
+    assert_eq!(a.tokens, b.tokens);
+    assert_eq!(
+        a.loss.to_bits(),
+        b.loss.to_bits(),
+        "{} vs {}",
+        a.loss,
+        b.loss
+    );
+}

@@ -61,6 +61,13 @@ fn eligible() -> Vec<(&'static str, LlamaConfig)> {
 fn compare(what: &str, m: &Llama, ids: &Tensor, targets: &[Option<u32>], tol: f64) {
     let (want_loss, want) = autograd(m, ids, targets, 0.75);
     let got = m.fused_step(ids, targets, 0.75).unwrap();
+    // The forward-only loss (evaluation) is bitwise the step's.
+    let (eval, count) = m.fused_loss(ids, targets, 0.75).unwrap();
+    assert_eq!(
+        (eval.to_bits(), count),
+        (got.loss.to_bits(), got.count),
+        "{what}: fused_loss"
+    );
     if m.dtype() == DType::F32 {
         assert_eq!(
             (got.loss as f32).to_bits(),
@@ -180,6 +187,10 @@ fn issue_9_fused_step_refuses_what_it_does_not_cover() {
             let t = next_token_targets(&ids(&cfg), None, None).unwrap();
             assert!(matches!(
                 m.fused_step(&ids(&cfg), &t, 1.0),
+                Err(Error::Unsupported { .. })
+            ));
+            assert!(matches!(
+                m.fused_loss(&ids(&cfg), &t, 1.0),
                 Err(Error::Unsupported { .. })
             ));
         }
