@@ -586,18 +586,7 @@ impl Llama {
         targets: &[Option<u32>],
         weight: f64,
     ) -> Result<FusedStep> {
-        let (_, t) = ids.dims2()?;
-        if let Some(why) = self.fused_step_unavailable(t) {
-            tracing::debug!(reason = why, "fused step unavailable");
-            return Err(Error::Unsupported {
-                what: "the fused training step with this model setting",
-                issue: 9,
-            });
-        }
-        match self.dtype() {
-            DType::F64 => self.fused_step_typed::<f64>(ids, targets, weight, true),
-            _ => self.fused_step_typed::<f32>(ids, targets, weight, true),
-        }
+        self.fused(ids, targets, weight, true)
     }
 
     /// The loss of [`Llama::fused_step`] (`weight × mean cross entropy`) and its count,
@@ -611,19 +600,30 @@ impl Llama {
         targets: &[Option<u32>],
         weight: f64,
     ) -> Result<(f64, usize)> {
+        let step = self.fused(ids, targets, weight, false)?;
+        Ok((step.loss, step.count))
+    }
+
+    /// The fused step (or with `backward` false its forward), after checking that it applies.
+    fn fused(
+        &self,
+        ids: &Tensor,
+        targets: &[Option<u32>],
+        weight: f64,
+        backward: bool,
+    ) -> Result<FusedStep> {
         let (_, t) = ids.dims2()?;
         if let Some(why) = self.fused_step_unavailable(t) {
-            tracing::debug!(reason = why, "fused loss unavailable");
+            tracing::debug!(reason = why, backward, "fused step unavailable");
             return Err(Error::Unsupported {
-                what: "the fused forward with this model setting",
+                what: "the fused training step with this model setting",
                 issue: 9,
             });
         }
-        let step = match self.dtype() {
-            DType::F64 => self.fused_step_typed::<f64>(ids, targets, weight, false),
-            _ => self.fused_step_typed::<f32>(ids, targets, weight, false),
-        }?;
-        Ok((step.loss, step.count))
+        match self.dtype() {
+            DType::F64 => self.fused_step_typed::<f64>(ids, targets, weight, backward),
+            _ => self.fused_step_typed::<f32>(ids, targets, weight, backward),
+        }
     }
 
     /// The fused step; without `backward`, the forward and the loss only (no gradients).
