@@ -16,8 +16,9 @@
 //! A checkpoint is written into `<root>/.tmp-step-…-<pid>/` (each file synced), renamed into
 //! place and the root synced, so a crash leaves either the whole directory or none of it.
 //! The large files are written by [`save_with`]'s writer threads (one per core, up to 4: the
-//! weights and the first optimizer shard on one, a shard on each other), each hashing its
-//! blocks while another thread writes them with `O_DIRECT` (see [`SaveOptions`]).
+//! weights and the first optimizer shard on one, a shard on each other; an unsplit optimizer
+//! file on a second one), each hashing its blocks while another thread writes them with
+//! `O_DIRECT` (see [`SaveOptions`]).
 //! [`verify`] rechecks every checksum; [`newest_valid`] walks the steps from newest to oldest,
 //! skipping (with a warning naming it) any directory that is incomplete or corrupt.
 

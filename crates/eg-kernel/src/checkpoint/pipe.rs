@@ -1,8 +1,9 @@
-//! The checkpoint writer's pipeline for one large file.
+//! The checkpoint writer's pipeline for the large files, one file at a time per calling
+//! thread.
 //!
-//! The calling thread converts the values into a block, hashes the block and hands it to a
-//! writer thread, which writes it at its offset while the next block is filled and hashed:
-//! sha256 overlaps the disk instead of adding to it, and each byte is produced once.
+//! The calling thread converts the values into a block, hashes the block and hands it to the
+//! file's writer thread, which writes it at its offset while the next block is filled and
+//! hashed: sha256 overlaps the disk instead of adding to it, and each byte is produced once.
 //!
 //! With `direct`, the file is opened with `O_DIRECT` and the blocks (aligned, whole 4 KiB
 //! units, the last one padded and the file cut back to its length afterwards) go from this
@@ -10,7 +11,8 @@
 //! made buffered saves slow and erratic on virtual machines, where fresh page-cache pages
 //! are first touched on the host; the page cache is also not filled with gigabytes that
 //! count against a cgroup's memory limit. A filesystem that refuses `O_DIRECT` at `open`
-//! or at the first write gets ordinary buffered writes.
+//! or at a write (a device with blocks larger than 4 KiB, at the padded last block) gets
+//! ordinary buffered writes from there on.
 
 use std::fs::{File, OpenOptions};
 use std::io;
