@@ -23,12 +23,10 @@
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{adamw, cpu_secs, load1, status_kb};
-use std::sync::Arc;
+use common::{adamw, cpu_secs, load1, status_kb, synthetic_docs_loader};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use eg_data::{InMemoryDataset, Loader, LoaderOptions, Placement};
 use eg_kernel::{Schedule, TrainModel, Trainer, TrainerOptions};
 use eg_model::{Llama, LlamaConfig};
 
@@ -79,24 +77,8 @@ fn main() {
     let after_build = status_kb("VmHWM:");
     // Reset the peak (Linux: "5" to clear_refs) so the figure below is the training's own.
     let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
-    let docs = (0..2000u32).map(|i| {
-        (0..(50 + i % 700))
-            .map(|j| {
-                (i.wrapping_mul(2_654_435_761) ^ j.wrapping_mul(40_503))
-                    % (cfg.vocab_size as u32 - 1).min(31_000)
-                    + 1
-            })
-            .collect::<Vec<u32>>()
-    });
-    let data = Arc::new(InMemoryDataset::from_docs(docs));
-    let lo = LoaderOptions {
-        seq_len: seq,
-        rows_per_step: rows,
-        eos_id: Some(0),
-        seed: 1,
-        ..LoaderOptions::default()
-    };
-    let mut loader = Loader::new(data, lo, Placement::SINGLE).unwrap();
+    let ids = (cfg.vocab_size as u32 - 1).min(31_000);
+    let mut loader = synthetic_docs_loader(seq, rows, 700, ids);
     let mut opt = adamw(&model);
     let cpu0 = cpu_secs();
     let start = Instant::now();
