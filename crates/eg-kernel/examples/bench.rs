@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::Optimizer as _;
-use eg_data::{InMemoryDataset, Loader, LoaderOptions, Placement};
+use eg_data::Loader;
 use eg_hardware::storage::AlignedBuf;
 use eg_kernel::{
     CheckpointOptions, Optimizer, OptimizerKind, Schedule, TrainModel, Trainer, TrainerOptions,
@@ -45,24 +45,8 @@ fn cfg() -> LlamaConfig {
     }
 }
 
-fn data() -> Arc<InMemoryDataset> {
-    let docs = (0..4000u32).map(|i| {
-        (0..(50 + i % 200))
-            .map(|j| (i.wrapping_mul(2_654_435_761) ^ j.wrapping_mul(40_503)) % 2000 + 1)
-            .collect::<Vec<u32>>()
-    });
-    Arc::new(InMemoryDataset::from_docs(docs))
-}
-
 fn loader() -> Loader {
-    let o = LoaderOptions {
-        seq_len: SEQ,
-        rows_per_step: ROWS,
-        eos_id: Some(0),
-        seed: 1,
-        ..LoaderOptions::default()
-    };
-    Loader::new(data(), o, Placement::SINGLE).unwrap()
+    common::synthetic_docs_loader(SEQ, ROWS, 4000, 200, 2000)
 }
 
 fn kind() -> OptimizerKind {

@@ -78,7 +78,7 @@ fn main() {
     // Reset the peak (Linux: "5" to clear_refs) so the figure below is the training's own.
     let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
     let ids = (cfg.vocab_size as u32 - 1).min(31_000);
-    let mut loader = synthetic_docs_loader(seq, rows, 700, ids);
+    let mut loader = synthetic_docs_loader(seq, rows, 2000, 700, ids);
     let mut opt = adamw(&model);
     let cpu0 = cpu_secs();
     let start = Instant::now();

@@ -61,13 +61,19 @@ pub(crate) fn adamw<M: TrainModel>(m: &M) -> Optimizer {
 /// A loader of `rows` rows of `seq` tokens over 2000 synthetic documents of 50–349 ids in
 /// `1..=31000` (EOS 0, seed 1).
 pub(crate) fn synthetic_loader(seq: usize, rows: usize) -> Loader {
-    synthetic_docs_loader(seq, rows, 300, 31_000)
+    synthetic_docs_loader(seq, rows, 2000, 300, 31_000)
 }
 
-/// A loader of `rows` rows of `seq` tokens over 2000 synthetic documents of
+/// A loader of `rows` rows of `seq` tokens over `docs` synthetic documents of
 /// `50..50 + spread` ids in `1..=ids` (EOS 0, seed 1).
-pub(crate) fn synthetic_docs_loader(seq: usize, rows: usize, spread: u32, ids: u32) -> Loader {
-    let docs = (0..2000u32).map(|i| {
+pub(crate) fn synthetic_docs_loader(
+    seq: usize,
+    rows: usize,
+    docs: u32,
+    spread: u32,
+    ids: u32,
+) -> Loader {
+    let docs = (0..docs).map(|i| {
         (0..(50 + i % spread))
             .map(|j| (i.wrapping_mul(2_654_435_761) ^ j.wrapping_mul(40_503)) % ids + 1)
             .collect::<Vec<u32>>()
